@@ -1,0 +1,192 @@
+"""PyTorch state dict -> Flax params, as data.
+
+A model's conversion is a `Rules` value: an ordered table of regex renames on the PyTorch key plus a
+list of keys to drop (buffers such as CLIP's `position_ids`). After the renames, a key becomes a
+param path by a fixed convention: dots separate modules, a numeric part joins its parent
+(`layers.3` -> `layers_3`), and the leaf `weight` is whichever of `kernel`, `scale` or `embedding`
+the model's param tree has (Dense/Conv, norms, embeddings). The layout transform follows from the
+leaf kind alone (`LAYOUTS`): a conv kernel [O, I, kh, kw] -> [kh, kw, I, O], a linear weight -> its
+transpose, a 1x1 conv weight feeding a Dense -> squeezed and transposed.
+
+Every conversion is first planned against the abstract param tree (`jax.eval_shape` of the model's
+init) and fails with one error listing all missing, unexpected and mis-shaped names; the plan needs
+only shapes, so real-size checkpoints are checked without allocating them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+
+class ConversionError(ValueError):
+    """A state dict does not fit the model: the message lists every offending name."""
+
+    def __init__(self, what: str, missing=(), unexpected=(), misshaped=()):
+        self.missing, self.unexpected, self.misshaped = list(missing), list(unexpected), list(misshaped)
+        lines = [f"{what}: the checkpoint does not match the model."]
+
+        def block(title, items):
+            if items:
+                shown = items[:40]
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown) + (" ..." if len(items) > 40 else ""))
+
+        block("missing from the checkpoint", self.missing)
+        block("unexpected in the checkpoint", self.unexpected)
+        block("wrong shape", self.misshaped)
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class Rules:
+    """How one model family's PyTorch keys become Flax param paths.
+
+    renames: (regex, replacement) pairs applied in order with `re.sub` to the dotted PyTorch key.
+    ignore: regexes (full match) of PyTorch keys that carry no params (buffers).
+    """
+
+    renames: tuple[tuple[str, str], ...] = ()
+    ignore: tuple[str, ...] = ()
+    _compiled: tuple = field(default=(), compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(
+            self, "_compiled",
+            (tuple((re.compile(p), r) for p, r in self.renames), tuple(re.compile(p) for p in self.ignore)),
+        )
+
+    def ignored(self, key: str) -> bool:
+        return any(p.fullmatch(key) for p in self._compiled[1])
+
+    def module_path(self, key: str) -> tuple[tuple[str, ...], str]:
+        """PyTorch key -> (module path, PyTorch leaf name)."""
+        for pattern, repl in self._compiled[0]:
+            key = pattern.sub(repl, key)
+        parts = key.split(".")
+        path: list[str] = []
+        for part in parts[:-1]:
+            if part.isdigit() and path:
+                path[-1] = f"{path[-1]}_{part}"
+            else:
+                path.append(part)
+        return tuple(path), parts[-1]
+
+
+_LEAF_CANDIDATES = {"weight": ("kernel", "scale", "embedding"), "gamma": ("scale",), "beta": ("bias",)}
+
+
+# Layout transforms by (flax leaf, source rank, target rank). Written with array methods so that they
+# run on numpy arrays and, through jax.eval_shape, on shapes alone.
+def _identity(x):
+    return x
+
+
+def _linear(x):
+    return x.T
+
+
+def _conv(x):
+    return x.transpose(2, 3, 1, 0)
+
+
+def _conv1x1_to_linear(x):
+    return x.reshape(x.shape[0], x.shape[1]).T
+
+
+LAYOUTS = {
+    ("kernel", 2, 2): _linear,
+    ("kernel", 4, 4): _conv,
+    ("kernel", 4, 2): _conv1x1_to_linear,
+    ("kernel", 3, 3): lambda x: x.transpose(2, 1, 0),  # conv1d [O, I, k] -> [k, I, O]
+}
+
+
+@dataclass(frozen=True)
+class Step:
+    source: str
+    target: tuple[str, ...]
+    layout: object  # a callable array -> array
+
+
+def plan(
+    shapes: Mapping[str, tuple[int, ...]],
+    abstract_params,
+    rules: Rules,
+    what: str = "model",
+) -> list[Step]:
+    """Maps every PyTorch tensor to a param; raises ConversionError unless the mapping is exact.
+
+    Args:
+      shapes: PyTorch key -> shape (no data needed).
+      abstract_params: the model's param tree (arrays or ShapeDtypeStruct), without the 'params' wrapper.
+      rules: the model family's Rules.
+      what: the component's name, for the error.
+    """
+    target = traverse_util.flatten_dict(_unfreeze(abstract_params))
+    steps: list[Step] = []
+    unexpected, misshaped = [], []
+    filled: set[tuple[str, ...]] = set()
+    for key, shape in shapes.items():
+        if rules.ignored(key):
+            continue
+        path, leaf = rules.module_path(key)
+        dest = next(
+            (path + (c,) for c in _LEAF_CANDIDATES.get(leaf, (leaf,)) if path + (c,) in target), None
+        )
+        if dest is None:
+            unexpected.append(key)
+            continue
+        want = tuple(target[dest].shape)
+        layout = LAYOUTS.get((dest[-1], len(shape), len(want)), _identity)
+        got = tuple(jax.eval_shape(layout, jax.ShapeDtypeStruct(tuple(shape), jnp.float32)).shape) \
+            if layout is not _identity else tuple(shape)
+        if got != want or dest in filled:
+            misshaped.append(f"{key} {tuple(shape)} -> {'/'.join(dest)} {want}")
+            continue
+        filled.add(dest)
+        steps.append(Step(key, dest, layout))
+    missing = ["/".join(p) for p in target if p not in filled]
+    if missing or unexpected or misshaped:
+        raise ConversionError(what, missing, unexpected, misshaped)
+    return steps
+
+
+def convert(
+    state_dict: Mapping[str, np.ndarray],
+    abstract_params,
+    rules: Rules,
+    what: str = "model",
+    dtype=None,
+):
+    """Converts a (lazy) state dict of numpy arrays into a nested param dict of numpy arrays.
+
+    Each tensor is read, transposed and cast one at a time, so a memory-mapped checkpoint is never
+    held twice in memory. `dtype` (default: each param's abstract dtype) is the param dtype.
+    """
+    # Values of a memory-mapped state dict are views: reading shapes copies nothing.
+    steps = plan({k: tuple(v.shape) for k, v in state_dict.items()}, abstract_params, rules, what)
+    target = traverse_util.flatten_dict(_unfreeze(abstract_params))
+    flat = {}
+    for step in steps:
+        arr = step.layout(np.asarray(state_dict[step.source]))
+        want = np.dtype(dtype if dtype is not None else target[step.target].dtype)
+        flat[step.target] = np.ascontiguousarray(arr.astype(want, copy=False))
+    return traverse_util.unflatten_dict(flat)
+
+
+def abstract_params(model, *inputs, **kwargs):
+    """The model's param tree as ShapeDtypeStructs (no allocation), without the 'params' wrapper."""
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, **kwargs))
+    return _unfreeze(variables)["params"]
+
+
+def _unfreeze(tree):
+    if hasattr(tree, "unfreeze"):
+        return tree.unfreeze()
+    return dict(tree)

@@ -1,0 +1,49 @@
+"""Params to and from orbax checkpoints (no torch involved).
+
+`restore_params` can restore straight into a target tree of `jax.ShapeDtypeStruct`s carrying
+shardings, so multi-device users never hold a full host copy first.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from unclip_jax.weights.safetensors_io import CheckpointError
+
+
+def save_params(directory: str, params) -> None:
+    """Writes `params` (a pytree of arrays) as an orbax checkpoint at `directory` (which must not exist).
+
+    orbax writes into a temporary folder and renames it when complete, so an interrupted save leaves
+    nothing that restores.
+    """
+    directory = os.path.abspath(directory)
+    params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), params)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(directory, params)
+        ckpt.wait_until_finished()
+
+
+def restore_params(directory: str, target=None):
+    """Restores params saved by `save_params`.
+
+    Args:
+      directory: the checkpoint folder.
+      target: optional pytree of `jax.ShapeDtypeStruct` (with `.sharding`) or arrays giving the
+        structure, dtypes and placement to restore into; by default the saved structure on the
+        default device.
+    """
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: no orbax checkpoint there")
+    with ocp.StandardCheckpointer() as ckpt:
+        try:
+            if target is None:
+                return ckpt.restore(directory)
+            return ckpt.restore(directory, target)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            raise CheckpointError(f"{directory}: cannot restore params ({e})") from e
