@@ -190,8 +190,8 @@ class CLIPTextTransformer(nn.Module):
         # clip_skip k (as diffusers applies it) takes hidden_states[-(k + 1)], the output of layer
         # L - k, through the final layer norm: the last k layers need not run at all.
         layers = c.num_hidden_layers - (clip_skip or 0)
-        if not 0 < layers <= c.num_hidden_layers:
-            raise ValueError(f"clip_skip={clip_skip} leaves no layer of {c.num_hidden_layers}")
+        if not 0 <= layers <= c.num_hidden_layers:
+            raise ValueError(f"clip_skip={clip_skip} is outside [0, {c.num_hidden_layers}] for this text encoder")
         x, states = _encoder(c, self.dtype)(x, mask, True, num_layers=layers)
         last = _layer_norm(c.layer_norm_eps, "final_layer_norm")(x)
         if c.eos_token_id == 2:

@@ -2,6 +2,14 @@
 
 from unclip_jax.weights.convert import Rules
 
-# transformers' CLIPTextModel(WithProjection) / CLIPVisionModel(WithProjection): module names are ours
-# already. `position_ids` is a buffer that older checkpoints (SD 2.x text encoders) still carry.
-CLIP = Rules(ignore=(r".*\.position_ids",))
+# transformers' CLIPTextModel(WithProjection): module names are ours already. Checkpoints exported
+# before transformers v5 (every SD 2.x text encoder on the hub) prefix the bare CLIPTextModel's keys
+# with `text_model.`, v5 does not: both load. `position_ids` is a buffer older exports still carry.
+CLIP_TEXT = Rules(
+    renames=((r"^(embeddings|encoder|final_layer_norm)\.", r"text_model.\1."),),
+    ignore=(r".*\.position_ids",),
+)
+CLIP_VISION = Rules(
+    renames=((r"^(embeddings|pre_layrnorm|encoder|post_layernorm)\.", r"vision_model.\1."),),
+    ignore=(r".*\.position_ids",),
+)

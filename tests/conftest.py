@@ -1,0 +1,37 @@
+"""Shared test fixtures: offline reference material built once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def real_config(name: str) -> dict:
+    """A real checkpoint's config.json kept under tests/fixtures/configs/."""
+    with open(FIXTURES / "configs" / name) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def fixture_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fixtures")
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_dirs(fixture_dir) -> dict[str, Path]:
+    """Tokenizer folders in the real layout: OpenAI's (pads with EOS) and SD 2.x's (pads with "!")."""
+    from unclip_jax.tokenizer import write_clip_tokenizer
+
+    out = {}
+    for name, pad in (("openai", "<|endoftext|>"), ("sd2", "!")):
+        path = fixture_dir / f"tokenizer_{name}"
+        write_clip_tokenizer(str(path), pad_token=pad)
+        out[name] = path
+    return out

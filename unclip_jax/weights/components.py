@@ -1,0 +1,92 @@
+"""Loading one component folder (config.json + PyTorch weights) as a Flax module and its params.
+
+A component is identified by its config's class (`architectures[0]` for transformers,
+`_class_name` for diffusers); `ARCHITECTURES` maps each class we implement to a builder that makes the
+Flax module, the dummy inputs for its abstract init, and the conversion Rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+
+from unclip_jax.models import clip
+from unclip_jax.weights import tables
+from unclip_jax.weights.checkpoint import load_state_dict, read_config
+from unclip_jax.weights.convert import Rules, abstract_params, convert
+from unclip_jax.weights.safetensors_io import CheckpointError
+
+
+@dataclass(frozen=True)
+class Built:
+    module: Any
+    dummy_inputs: tuple
+    rules: Rules
+
+
+def _clip_text(projection: bool) -> Callable[[dict, Any], Built]:
+    def build(config: dict, dtype) -> Built:
+        c = clip.CLIPTextConfig.from_dict(config)
+        return Built(clip.CLIPTextModel(c, with_projection=projection, dtype=dtype), clip.dummy_text_inputs(c),
+                     tables.CLIP_TEXT)
+    return build
+
+
+def _clip_vision(projection: bool) -> Callable[[dict, Any], Built]:
+    def build(config: dict, dtype) -> Built:
+        c = clip.CLIPVisionConfig.from_dict(config)
+        return Built(clip.CLIPVisionModel(c, with_projection=projection, dtype=dtype), clip.dummy_vision_inputs(c),
+                     tables.CLIP_VISION)
+    return build
+
+
+ARCHITECTURES: dict[str, Callable[[dict, Any], Built]] = {
+    "CLIPTextModel": _clip_text(False),
+    "CLIPTextModelWithProjection": _clip_text(True),
+    "CLIPVisionModel": _clip_vision(False),
+    "CLIPVisionModelWithProjection": _clip_vision(True),
+}
+
+
+def architecture_of(config: dict, folder: str = "") -> str:
+    name = config.get("_class_name") or (config.get("architectures") or [None])[0]
+    if name is None:
+        raise CheckpointError(f"{folder}/config.json: names no model class (`_class_name` or `architectures`)")
+    return name
+
+
+def build(config: dict, dtype=jnp.float32, architecture: str | None = None, folder: str = "") -> Built:
+    """The Flax module for a component config (compute dtype `dtype`)."""
+    name = architecture or architecture_of(config, folder)
+    if name not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{folder or 'config'}: model class {name!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    return ARCHITECTURES[name](config, dtype)
+
+
+def load_component(
+    folder: str,
+    *,
+    dtype=jnp.float32,
+    param_dtype=None,
+    variant: str | None = None,
+    architecture: str | None = None,
+):
+    """Reads `folder`'s config and PyTorch weights; returns (module, params).
+
+    Args:
+      dtype: compute dtype of the module.
+      param_dtype: dtype of the params (default: float32).
+      variant: weight file variant, e.g. "fp16" for `model.fp16.safetensors`.
+      architecture: the model class, if the config does not name it.
+    """
+    config = read_config(folder)
+    built = build(config, dtype, architecture, folder)
+    abstract = abstract_params(built.module, *built.dummy_inputs)
+    state = load_state_dict(folder, variant)
+    params = convert(state, abstract, built.rules, what=folder, dtype=param_dtype or jnp.float32)
+    return built.module, params
