@@ -7,6 +7,7 @@ Flax module, the dummy inputs for its abstract init, and the conversion Rules.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -84,9 +85,12 @@ def load_component(
       variant: weight file variant, e.g. "fp16" for `model.fp16.safetensors`.
       architecture: the model class, if the config does not name it.
     """
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: no such component folder")
+    # Every file is checked (config parsed, safetensors headers and sizes read) before any model work.
     config = read_config(folder)
+    state = load_state_dict(folder, variant)
     built = build(config, dtype, architecture, folder)
     abstract = abstract_params(built.module, *built.dummy_inputs)
-    state = load_state_dict(folder, variant)
     params = convert(state, abstract, built.rules, what=folder, dtype=param_dtype or jnp.float32)
     return built.module, params
