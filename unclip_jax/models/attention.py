@@ -1,16 +1,25 @@
-"""Scaled dot-product attention shared by every model.
+"""Scaled dot-product attention shared by every model, and the transformer blocks built on it.
 
 All attention goes through `jax.nn.dot_product_attention`, so GPUs can take cuDNN's fused kernel and
 the XLA fallback computes logits and softmax in float32 whatever the input dtype (the numerics that
 diffusers' `upcast_attention` and transformers' eager CLIP attention ask for). `query_chunk_size`
-bounds memory the way diffusers' `enable_attention_slicing` does: queries are processed in blocks, and
-since each query row's softmax is independent of the others the numbers are the same.
+bounds memory the way diffusers' `enable_attention_slicing` does: queries are processed in blocks, one
+after another (`lax.map`), and since each query row's softmax is independent of the others the
+numbers are the same.
+
+The modules mirror diffusers' `Attention` (to_q/to_k/to_v/to_out.0), `FeedForward` (GEGLU),
+`BasicTransformerBlock` and the continuous-input `Transformer2DModel` of the SD UNets.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from unclip_jax.models.layers import group_norm, layer_norm
 
 
 def attention(
@@ -31,35 +40,42 @@ def attention(
       mask: boolean, True where a query may attend; broadcastable to [B, N, T, S].
       is_causal: also mask keys after the query position (T == S).
       scale: logit scale, default H ** -0.5.
-      query_chunk_size: process queries in blocks of this many (memory-bounded; same result).
+      query_chunk_size: process queries in blocks of this many, sequentially (memory-bounded; same
+        result).
       implementation: passed to `jax.nn.dot_product_attention` (None lets JAX choose).
 
     Returns:
       [B, T, N, H] in the query dtype.
     """
-    t = query.shape[1]
+    b, t, n, h = query.shape
+    s = key.shape[1]
     if query_chunk_size is None or query_chunk_size >= t:
         return jax.nn.dot_product_attention(
             query, key, value, mask=mask, is_causal=is_causal, scale=scale, implementation=implementation
         )
     if is_causal:
-        causal = jnp.tril(jnp.ones((t, key.shape[1]), dtype=bool))
+        causal = jnp.tril(jnp.ones((t, s), dtype=bool))
         mask = causal if mask is None else jnp.logical_and(mask, causal)
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, (query.shape[0], query.shape[2], t, key.shape[1]))
-    blocks = []
-    # A Python loop over static blocks (not lax.map): the block count is small and a ragged last
-    # block needs no padding; XLA schedules the blocks one after another, bounding live logits.
-    for start in range(0, t, query_chunk_size):
-        stop = min(start + query_chunk_size, t)
-        blocks.append(
-            jax.nn.dot_product_attention(
-                query[:, start:stop], key, value,
-                mask=None if mask is None else mask[:, :, start:stop],
-                scale=scale, implementation=implementation,
-            )
-        )
-    return jnp.concatenate(blocks, axis=1)
+    blocks = -(-t // query_chunk_size)
+    pad = blocks * query_chunk_size - t
+    # The ragged tail is padded with zero queries (their rows are dropped below) so that every block
+    # has one shape and `lax.map` can run them as a loop: only one block of logits is live at a time.
+    q = jnp.pad(query, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q = q.reshape(b, blocks, query_chunk_size, n, h).swapaxes(0, 1)
+    if mask is None:
+        def one(qb):
+            return jax.nn.dot_product_attention(qb, key, value, scale=scale, implementation=implementation)
+        out = jax.lax.map(one, q)
+    else:
+        m = jnp.broadcast_to(mask, (b, n, t, s))
+        m = jnp.pad(m, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
+        m = m.reshape(b, n, blocks, query_chunk_size, s).transpose(2, 0, 1, 3, 4)
+
+        def one(args):
+            qb, mb = args
+            return jax.nn.dot_product_attention(qb, key, value, mask=mb, scale=scale, implementation=implementation)
+        out = jax.lax.map(one, (q, m))
+    return out.swapaxes(0, 1).reshape(b, blocks * query_chunk_size, n, h)[:, :t]
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
@@ -70,3 +86,129 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
 def merge_heads(x: jax.Array) -> jax.Array:
     """[B, T, N, H] -> [B, T, N*H]."""
     return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+class Attention(nn.Module):
+    """diffusers' `Attention`: q from x, k/v from `context` (x itself when None), heads of `dim_head`.
+
+    With `norm_num_groups` it first group-normalizes x and with `residual_connection` adds x back and
+    divides by `rescale_output_factor` (the VAE's single-head spatial attention). x may be spatial
+    [B, H, W, C] (attended as H*W tokens) or tokens [B, T, C]; context is [B, S, D].
+    """
+
+    heads: int
+    dim_head: int
+    out_dim: int
+    qkv_bias: bool = False
+    norm_num_groups: int | None = None
+    norm_eps: float = 1e-5
+    residual_connection: bool = False
+    rescale_output_factor: float = 1.0
+    query_chunk_size: int | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        residual = x
+        spatial = x.shape[1:-1]
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        if self.norm_num_groups is not None:
+            x = group_norm(self.norm_num_groups, self.norm_eps, "group_norm")(x).astype(self.dtype)
+        context = x if context is None else context.astype(self.dtype)
+        inner = self.heads * self.dim_head
+
+        def proj(name, y):
+            return split_heads(nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name=name)(y), self.heads)
+
+        out = attention(proj("to_q", x), proj("to_k", context), proj("to_v", context),
+                        query_chunk_size=self.query_chunk_size)
+        out = nn.Dense(self.out_dim, dtype=self.dtype, name="to_out_0")(merge_heads(out))
+        out = out.reshape(*residual.shape[:1], *spatial, self.out_dim)
+        if self.residual_connection:
+            out = out + residual
+        if self.rescale_output_factor != 1.0:
+            out = out / self.rescale_output_factor
+        return out
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward (Shazeer 2020): net.0.proj to 2 x inner, value * gelu(gate), net.2 back.
+
+    [B, T, D] -> [B, T, D]
+    """
+
+    dim: int
+    mult: int = 4
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        inner = self.dim * self.mult
+        # A submodule named `net_0` holding `proj` mirrors PyTorch's `ff.net.0.proj`.
+        h = _GEGLUProj(inner, self.dtype, name="net_0")(x)
+        return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(h)
+
+
+class _GEGLUProj(nn.Module):
+    inner: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        value, gate = jnp.split(nn.Dense(2 * self.inner, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        return value * jax.nn.gelu(gate, approximate=False)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention (cross-attention when `only_cross_attention`), cross-attention
+    on `context`, GEGLU feed-forward, each with a residual. [B, T, D] -> [B, T, D]."""
+
+    dim: int
+    heads: int
+    dim_head: int
+    only_cross_attention: bool = False
+    norm_eps: float = 1e-5
+    query_chunk_size: int | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        def attn(name):
+            return Attention(self.heads, self.dim_head, self.dim, query_chunk_size=self.query_chunk_size,
+                             dtype=self.dtype, name=name)
+
+        h = layer_norm(self.norm_eps, "norm1")(x).astype(self.dtype)
+        x = x + attn("attn1")(h, context if self.only_cross_attention else None)
+        h = layer_norm(self.norm_eps, "norm2")(x).astype(self.dtype)
+        x = x + attn("attn2")(h, context)
+        h = layer_norm(self.norm_eps, "norm3")(x).astype(self.dtype)
+        return x + FeedForward(self.dim, dtype=self.dtype, name="ff")(h)
+
+
+class Transformer2DModel(nn.Module):
+    """Spatial transformer over a feature map: group norm, proj_in, `num_layers` transformer blocks
+    on the H*W tokens, proj_out, plus the input. A 1x1-conv proj_in/out (`use_linear_projection`
+    False) is the same map as a linear one, so both are Dense here; only the checkpoint layout
+    differs, which the conversion handles. [B, H, W, C], context [B, S, D] -> [B, H, W, C]."""
+
+    heads: int
+    dim_head: int
+    num_layers: int = 1
+    norm_num_groups: int = 32
+    only_cross_attention: bool = False
+    query_chunk_size: int | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        b, hgt, wid, c = x.shape
+        inner = self.heads * self.dim_head
+        # eps 1e-6 is fixed in diffusers for this norm, whatever the UNet's norm_eps.
+        h = group_norm(self.norm_num_groups, 1e-6, "norm")(x).astype(self.dtype)
+        h = nn.Dense(inner, dtype=self.dtype, name="proj_in")(h).reshape(b, hgt * wid, inner)
+        for i in range(self.num_layers):
+            h = BasicTransformerBlock(inner, self.heads, self.dim_head, self.only_cross_attention,
+                                      query_chunk_size=self.query_chunk_size, dtype=self.dtype,
+                                      name=f"transformer_blocks_{i}")(h, context)
+        h = nn.Dense(c, dtype=self.dtype, name="proj_out")(h.reshape(b, hgt, wid, inner))
+        return h + x

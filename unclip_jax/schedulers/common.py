@@ -150,3 +150,41 @@ def get_velocity(alphas_cumprod: jax.Array, sample: jax.Array, noise: jax.Array,
     """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, sec. 4)."""
     abar = broadcast_to_sample(alphas_cumprod[jnp.asarray(timesteps)], sample)
     return (jnp.sqrt(abar) * noise - jnp.sqrt(1 - abar) * sample).astype(sample.dtype)
+
+
+def inference_timesteps(
+    spacing: str,
+    num_train_timesteps: int,
+    num_inference_steps: int,
+    steps_offset: int = 0,
+    *,
+    round_linspace: bool = True,
+) -> np.ndarray:
+    """The n descending inference timesteps of diffusers' `timestep_spacing` (Lin et al. 2023, Table 2),
+    float64 [n] holding the exact values diffusers computes before its final cast.
+
+    "linspace" spreads n points over [0, T-1] (rounded for integer-timestep schedulers such as DDIM,
+    fractional for the sigma schedulers); "leading" takes the multiples of T // n plus `steps_offset`;
+    "trailing" counts down from T in steps of T / n and subtracts one.
+    """
+    T, n = num_train_timesteps, num_inference_steps
+    if n < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {n}")
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, n)
+        return (ts.round() if round_linspace else ts)[::-1].copy()
+    if spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float64) + steps_offset
+    if spacing == "trailing":
+        return np.round(np.arange(T, 0, -T / n)) - 1
+    raise SchedulerConfigError(f"timestep_spacing {spacing!r} is not supported")
+
+
+def limit_pred_original(x0: jax.Array, config: Any) -> jax.Array:
+    """Keeps a predicted x_0 in range: dynamic thresholding when `config.thresholding`, otherwise a
+    clip to +-`clip_sample_range` when `config.clip_sample` (DDPM/DDIM `clip_sample` options)."""
+    if getattr(config, "thresholding", False):
+        return threshold_sample(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
+    if getattr(config, "clip_sample", False):
+        return jnp.clip(x0, -config.clip_sample_range, config.clip_sample_range)
+    return x0
