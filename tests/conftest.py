@@ -35,3 +35,27 @@ def clip_tokenizer_dirs(fixture_dir) -> dict[str, Path]:
         write_clip_tokenizer(str(path), pad_token=pad)
         out[name] = path
     return out
+
+
+@pytest.fixture(scope="session")
+def unclip_pipeline_dir(fixture_dir) -> Path:
+    """A tiny diffusers StableUnCLIPPipeline folder (prior + decoder), random weights."""
+    from pipeline_fixtures import build_unclip
+
+    return build_unclip(fixture_dir / "stable_unclip")
+
+
+@pytest.fixture(scope="session")
+def unclip_img2img_pipeline_dir(fixture_dir) -> Path:
+    """A tiny diffusers StableUnCLIPImg2ImgPipeline folder, random weights."""
+    from pipeline_fixtures import build_unclip_img2img
+
+    return build_unclip_img2img(fixture_dir / "stable_unclip_img2img")
+
+
+@pytest.fixture(scope="session")
+def depth2img_pipeline_dir(fixture_dir) -> Path:
+    """A tiny diffusers StableDiffusionDepth2ImgPipeline folder (hybrid DPT), random weights."""
+    from pipeline_fixtures import build_depth2img
+
+    return build_depth2img(fixture_dir / "depth2img")

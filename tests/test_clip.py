@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -261,3 +263,36 @@ def test_real_size_state_dict_maps(name):
                 "clip_vision_unclip_vit_h_proj.json": 632_076_800,
                 "clip_vision_unclip_small_vit_l_proj.json": 303_966_208}[name]
     assert n_params == expected
+
+
+# -------------------------------------------- encoders inside pipeline folders
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "prior_text_encoder"])
+def test_text_encoders_of_unclip_pipeline_folder(unclip_pipeline_dir, component):
+    """The encoders of a diffusers pipeline folder (real layout) load and match transformers."""
+    folder = unclip_pipeline_dir / component
+    arch = json.loads((folder / "config.json").read_text())["architectures"][0]
+    ref = getattr(transformers, arch).from_pretrained(str(folder)).eval()
+    module, params = load_component(str(folder))
+    tok_dir = unclip_pipeline_dir / ("prior_tokenizer" if component.startswith("prior") else "tokenizer")
+    ids, _ = tokenize(load_tokenizer(str(tok_dir)), PROMPTS)
+    out = module.apply({"params": params}, ids)
+    ref_out, ref_embeds, ref_last = _ref_text(ref, ids, None, None)
+    assert_close(out.last_hidden_state, ref_last, TOL, f"{arch} last_hidden_state")
+    if module.with_projection:
+        assert_close(out.embeds, to_numpy(ref_embeds), TOL, f"{arch} text_embeds")
+
+
+def test_image_encoder_of_img2img_pipeline_folder(unclip_img2img_pipeline_dir):
+    folder = unclip_img2img_pipeline_dir
+    ref = transformers.CLIPVisionModelWithProjection.from_pretrained(str(folder / "image_encoder")).eval()
+    theirs = transformers.CLIPImageProcessorPil.from_pretrained(str(folder / "feature_extractor"))
+    ours = CLIPImageProcessor.from_pretrained(str(folder / "feature_extractor"))
+    module, params = load_component(str(folder / "image_encoder"))
+    images = _images((70, 50))
+    pixels = ours(images)
+    np.testing.assert_allclose(pixels, np.moveaxis(np.stack(theirs(images)["pixel_values"]), 1, -1), atol=1e-6)
+    with torch.no_grad():
+        expected = to_numpy(ref(nhwc_to_nchw(pixels)).image_embeds)
+    assert_close(module.apply({"params": params}, pixels).embeds, expected, TOL, "image_embeds")

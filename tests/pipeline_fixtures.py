@@ -1,0 +1,153 @@
+"""Tiny random-weight diffusers pipelines saved in the real on-disk layout (model_index.json, one folder
+per component with config.json + safetensors, tokenizer and processor files).
+
+They are the offline stand-ins for stabilityai/stable-diffusion-2-1-unclip(-small) and
+stable-diffusion-2-depth: same component classes and wiring, tiny sizes. Every weight is randomised
+(`randomize_`) so that no conversion bug hides behind a zero or a one. Built once per test session by
+the fixtures in conftest.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from torch_ref import randomize_
+from unclip_jax.tokenizer import load_tokenizer, write_clip_tokenizer
+
+# Shapes: text hidden 32, image embedding 32 (as in diffusers' own stable unCLIP tests), latents 4 ch.
+HIDDEN = 32
+EMBED = 32
+
+
+def _clip_text(projection_dim: int, with_projection: bool, seed: int, act: str = "gelu"):
+    import transformers
+
+    cfg = transformers.CLIPTextConfig(
+        bos_token_id=0, eos_token_id=2, hidden_size=HIDDEN, projection_dim=projection_dim, intermediate_size=37,
+        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=3, pad_token_id=1, vocab_size=49408,
+        hidden_act=act,
+    )
+    cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
+    return randomize_(cls(cfg), seed)
+
+
+def _scratch(folder: Path, name: str) -> Path:
+    """A working folder beside (not inside) the pipeline folder."""
+    return folder.with_name(f"{folder.name}.{name}.tmp")
+
+
+def _tokenizer(tmp: Path, pad: str):
+    write_clip_tokenizer(str(tmp), pad_token=pad)
+    return load_tokenizer(str(tmp))
+
+
+def _unet(in_channels: int, class_embed: bool, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    kw = dict(class_embed_type="projection", projection_class_embeddings_input_dim=EMBED * 2) if class_embed else {}
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=in_channels, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=HIDDEN, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True,
+        **kw,
+    )
+    return randomize_(unet, seed)
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=32,
+    )
+    return randomize_(vae, seed)
+
+
+def _decoder_parts(tmp: Path, class_embed: bool = True, in_channels: int = 4):
+    from diffusers import DDIMScheduler
+
+    return dict(
+        tokenizer=_tokenizer(tmp, pad="!"),
+        text_encoder=_clip_text(512, False, seed=11),
+        unet=_unet(in_channels, class_embed, seed=12),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1,
+                                clip_sample=False),
+        vae=_vae(seed=13),
+    )
+
+
+def _noising(embed_dim: int, seed: int):
+    from diffusers import DDPMScheduler
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+
+    normalizer = randomize_(StableUnCLIPImageNormalizer(embedding_dim=embed_dim), seed)
+    with torch.no_grad():  # a standard deviation must stay positive
+        normalizer.std.copy_(torch.rand(normalizer.std.shape, generator=torch.Generator().manual_seed(seed)) + 0.5)
+    return dict(image_normalizer=normalizer, image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
+
+
+def build_unclip(folder: Path) -> Path:
+    """A tiny StableUnCLIPPipeline (text -> Karlo-style prior -> decoder), saved at `folder`."""
+    from diffusers import DDPMScheduler, PriorTransformer, StableUnCLIPPipeline
+
+    prior = randomize_(PriorTransformer(num_attention_heads=2, attention_head_dim=12, embedding_dim=EMBED,
+                                        num_layers=1), seed=21)
+    pipe = StableUnCLIPPipeline(
+        prior_tokenizer=_tokenizer(_scratch(folder, "prior_tokenizer"), pad="<|endoftext|>"),
+        prior_text_encoder=_clip_text(EMBED, True, seed=20, act="quick_gelu"),
+        prior=prior,
+        prior_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample",
+                                      num_train_timesteps=1000, clip_sample=True, clip_sample_range=5.0),
+        **_noising(EMBED, seed=22),
+        **_decoder_parts(_scratch(folder, "tokenizer")),
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def build_unclip_img2img(folder: Path) -> Path:
+    """A tiny StableUnCLIPImg2ImgPipeline (image -> CLIP vision embedding -> decoder), saved at `folder`."""
+    import transformers
+    from diffusers import StableUnCLIPImg2ImgPipeline
+
+    vision = transformers.CLIPVisionConfig(hidden_size=HIDDEN, projection_dim=EMBED, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, intermediate_size=37, patch_size=4)
+    pipe = StableUnCLIPImg2ImgPipeline(
+        feature_extractor=transformers.CLIPImageProcessorPil(crop_size={"height": 32, "width": 32},
+                                                             size={"shortest_edge": 32}),
+        image_encoder=randomize_(transformers.CLIPVisionModelWithProjection(vision), seed=30),
+        **_noising(EMBED, seed=31),
+        **_decoder_parts(_scratch(folder, "tokenizer")),
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def build_depth2img(folder: Path) -> Path:
+    """A tiny StableDiffusionDepth2ImgPipeline with a hybrid (BiT + ViT) DPT depth estimator."""
+    import transformers
+    from diffusers import StableDiffusionDepth2ImgPipeline
+
+    backbone = dict(global_padding="same", layer_type="bottleneck", depths=[1, 1, 1], hidden_sizes=[16, 16, 32],
+                    embedding_dynamic_padding=True, out_features=["stage1", "stage2", "stage3"],
+                    num_groups=2, embedding_size=8)
+    dpt = transformers.DPTConfig(
+        image_size=32, patch_size=16, num_channels=3, hidden_size=32, num_hidden_layers=4, backbone_out_indices=(0, 1, 2, 3),
+        num_attention_heads=4, intermediate_size=37, is_decoder=False, embedding_type="hybrid", is_hybrid=True,
+        backbone_config=backbone, backbone_featmap_shape=[1, 32, 2, 2], neck_hidden_sizes=[16, 16, 32, 32],
+        reassemble_factors=[4, 2, 1, 0.5], fusion_hidden_size=16,
+    )
+    pipe = StableDiffusionDepth2ImgPipeline(
+        depth_estimator=randomize_(transformers.DPTForDepthEstimation(dpt), seed=40),
+        feature_extractor=transformers.DPTImageProcessorPil(do_rescale=True, size={"height": 32, "width": 32},
+                                                            keep_aspect_ratio=False),
+        **_decoder_parts(_scratch(folder, "tokenizer"), class_embed=False, in_channels=5),
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
