@@ -9,6 +9,7 @@ the fixtures in conftest.py.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -68,6 +69,17 @@ def _vae(seed: int):
     return randomize_(vae, seed)
 
 
+def _save(pipe, folder: Path, tokenizers: dict[str, str]) -> Path:
+    """Saves like diffusers, then rewrites each tokenizer folder in the hub's layout (vocab.json,
+    merges.txt, special_tokens_map.json, tokenizer_config.json) instead of transformers v5's
+    tokenizer.json, since that is what real checkpoints ship."""
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    for name, pad in tokenizers.items():
+        shutil.rmtree(folder / name)
+        write_clip_tokenizer(str(folder / name), pad_token=pad)
+    return folder
+
+
 def _decoder_parts(tmp: Path, class_embed: bool = True, in_channels: int = 4):
     from diffusers import DDIMScheduler
 
@@ -107,8 +119,7 @@ def build_unclip(folder: Path) -> Path:
         **_noising(EMBED, seed=22),
         **_decoder_parts(_scratch(folder, "tokenizer")),
     )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-    return folder
+    return _save(pipe, folder, {"tokenizer": "!", "prior_tokenizer": "<|endoftext|>"})
 
 
 def build_unclip_img2img(folder: Path) -> Path:
@@ -125,8 +136,7 @@ def build_unclip_img2img(folder: Path) -> Path:
         **_noising(EMBED, seed=31),
         **_decoder_parts(_scratch(folder, "tokenizer")),
     )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-    return folder
+    return _save(pipe, folder, {"tokenizer": "!"})
 
 
 def build_depth2img(folder: Path) -> Path:
@@ -149,5 +159,4 @@ def build_depth2img(folder: Path) -> Path:
                                                             keep_aspect_ratio=False),
         **_decoder_parts(_scratch(folder, "tokenizer"), class_embed=False, in_channels=5),
     )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-    return folder
+    return _save(pipe, folder, {"tokenizer": "!"})
