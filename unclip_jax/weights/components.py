@@ -14,8 +14,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from unclip_jax.models import clip
+from unclip_jax.models import clip, prior, unet, vae
+from unclip_jax.weights import prior as prior_rules
 from unclip_jax.weights import tables
+from unclip_jax.weights.unet import UNET
+from unclip_jax.weights.vae import VAE
 from unclip_jax.weights.checkpoint import load_state_dict, read_config
 from unclip_jax.weights.convert import Rules, abstract_params, convert
 from unclip_jax.weights.safetensors_io import CheckpointError
@@ -44,7 +47,32 @@ def _clip_vision(projection: bool) -> Callable[[dict, Any], Built]:
     return build
 
 
+def _unet(config: dict, dtype) -> Built:
+    c = unet.UNet2DConditionConfig.from_dict(config)
+    return Built(unet.UNet2DConditionModel(c, dtype=dtype), unet.dummy_inputs(c), UNET)
+
+
+def _vae(config: dict, dtype) -> Built:
+    c = vae.AutoencoderKLConfig.from_dict(config)
+    return Built(vae.AutoencoderKL(c, dtype=dtype), vae.dummy_inputs(c), VAE)
+
+
+def _prior(config: dict, dtype) -> Built:
+    c = prior.PriorTransformerConfig.from_dict(config)
+    return Built(prior.PriorTransformer(c, dtype=dtype), prior.dummy_prior_inputs(c), prior_rules.PRIOR)
+
+
+def _image_normalizer(config: dict, dtype) -> Built:
+    del dtype  # two vectors, applied in float32
+    c = prior.ImageNormalizerConfig.from_dict(config)
+    return Built(prior.StableUnCLIPImageNormalizer(c), prior.dummy_normalizer_inputs(c), prior_rules.IMAGE_NORMALIZER)
+
+
 ARCHITECTURES: dict[str, Callable[[dict, Any], Built]] = {
+    "UNet2DConditionModel": _unet,
+    "AutoencoderKL": _vae,
+    "PriorTransformer": _prior,
+    "StableUnCLIPImageNormalizer": _image_normalizer,
     "CLIPTextModel": _clip_text(False),
     "CLIPTextModelWithProjection": _clip_text(True),
     "CLIPVisionModel": _clip_vision(False),

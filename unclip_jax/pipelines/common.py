@@ -1,0 +1,123 @@
+"""What the pipelines share: prompt encoding, classifier-free guidance, image post-processing, outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+
+from unclip_jax.tokenizer import check_prompt, tokenize
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclasses.dataclass
+class ImagePipelineOutput:
+    """images: a list of PIL images, a float32 array [B, H, W, 3] in [0, 1], or latents [B, h, w, C]."""
+
+    images: Any
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+
+
+def postprocess(images: jax.Array, output_type: str):
+    """VAE output in [-1, 1], [B, H, W, 3] -> what `output_type` asks for (as diffusers' VaeImageProcessor)."""
+    if output_type == "latent":
+        return images
+    x = np.clip(np.asarray(images, dtype=np.float32) * 0.5 + 0.5, 0.0, 1.0)
+    if output_type == "np":
+        return x
+    return [PIL.Image.fromarray(im) for im in (x * 255).round().astype(np.uint8)]
+
+
+def repeat_per_image(x: jax.Array | np.ndarray, n: int):
+    """Each row repeated n times in place ([a, b] -> [a, a, b, b]), as diffusers duplicates per prompt."""
+    return x if n == 1 else jnp.repeat(x, n, axis=0)
+
+
+def batch_size_of(prompt, prompt_embeds, what: str = "prompt") -> int:
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError(f"give either `{what}` or `{what}_embeds`, not both")
+    if prompt is None and prompt_embeds is None:
+        raise ValueError(f"give `{what}` or `{what}_embeds`")
+    if prompt is not None:
+        return len(check_prompt(prompt, what))
+    return int(np.shape(prompt_embeds)[0])
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("clip_skip",))
+def _encode(text_encoder, params, ids, clip_skip=None):
+    return text_encoder.apply({"params": params}, ids, clip_skip=clip_skip).last_hidden_state
+
+
+def encode_prompt(
+    text_encoder,
+    params,
+    tokenizer,
+    prompt,
+    *,
+    num_images_per_prompt: int,
+    do_classifier_free_guidance: bool,
+    negative_prompt=None,
+    prompt_embeds=None,
+    negative_prompt_embeds=None,
+    clip_skip: int | None = None,
+):
+    """diffusers' StableDiffusion `encode_prompt`: (prompt_embeds, negative_prompt_embeds or None),
+    each [B * num_images_per_prompt, T, D].
+
+    As in diffusers, `clip_skip` applies to the prompt only; the negative prompt is always encoded
+    through the last layer.
+    """
+    batch = batch_size_of(prompt, prompt_embeds)
+    if prompt_embeds is None:
+        ids, _ = tokenize(tokenizer, prompt)
+        prompt_embeds = _encode(text_encoder, params, ids, clip_skip=clip_skip)
+    prompt_embeds = repeat_per_image(jnp.asarray(prompt_embeds), num_images_per_prompt)
+    if not do_classifier_free_guidance:
+        return prompt_embeds, None
+    if negative_prompt_embeds is None:
+        if negative_prompt is None:
+            negative = [""] * batch
+        else:
+            if prompt is not None and type(prompt) is not type(negative_prompt):
+                raise TypeError(
+                    f"negative_prompt must be of the same type as prompt; got {type(negative_prompt).__name__} "
+                    f"and {type(prompt).__name__}"
+                )
+            negative = check_prompt(negative_prompt, "negative_prompt")
+            if len(negative) != batch:
+                raise ValueError(f"negative_prompt has {len(negative)} prompts; prompt has {batch}")
+        ids, _ = tokenize(tokenizer, negative, "negative_prompt")
+        negative_prompt_embeds = _encode(text_encoder, params, ids)
+    negative_prompt_embeds = repeat_per_image(jnp.asarray(negative_prompt_embeds), num_images_per_prompt)
+    if negative_prompt_embeds.shape != prompt_embeds.shape:
+        raise ValueError(
+            f"negative_prompt_embeds {negative_prompt_embeds.shape} and prompt_embeds {prompt_embeds.shape} "
+            "must have the same shape"
+        )
+    return prompt_embeds, negative_prompt_embeds
+
+
+def guide(pred: jax.Array, guidance_scale) -> jax.Array:
+    """Classifier-free guidance (Ho & Salimans 2022): the batch is [uncond; cond]."""
+    uncond, cond = jnp.split(pred, 2, axis=0)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def check_random_input(x, shape: tuple, name: str):
+    """A supplied random draw as a float32 array of exactly `shape`, or a ValueError naming it."""
+    if x is None:
+        return None
+    x = jnp.asarray(x, dtype=jnp.float32)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"`{name}` has shape {tuple(x.shape)}; expected {tuple(shape)}")
+    return x
