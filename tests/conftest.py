@@ -38,24 +38,32 @@ def clip_tokenizer_dirs(fixture_dir) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def unclip_pipeline_dir(fixture_dir) -> Path:
-    """A tiny diffusers StableUnCLIPPipeline folder (prior + decoder), random weights."""
-    from pipeline_fixtures import build_unclip
+def pipeline_dirs(fixture_dir):
+    """Builds (once per session, on first use) tiny diffusers pipeline folders, random weights:
+    `pipeline_dirs("unclip" | "unclip_img2img" | "depth2img", shape="a" | "b")` -> folder."""
+    import pipeline_fixtures
 
-    return build_unclip(fixture_dir / "stable_unclip")
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(kind: str, shape: str = "a") -> Path:
+        if (kind, shape) not in built:
+            build = getattr(pipeline_fixtures, f"build_{kind}")
+            built[kind, shape] = build(fixture_dir / f"{kind}_{shape}", shape)
+        return built[kind, shape]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def unclip_img2img_pipeline_dir(fixture_dir) -> Path:
-    """A tiny diffusers StableUnCLIPImg2ImgPipeline folder, random weights."""
-    from pipeline_fixtures import build_unclip_img2img
-
-    return build_unclip_img2img(fixture_dir / "stable_unclip_img2img")
+def unclip_pipeline_dir(pipeline_dirs) -> Path:
+    return pipeline_dirs("unclip")
 
 
 @pytest.fixture(scope="session")
-def depth2img_pipeline_dir(fixture_dir) -> Path:
-    """A tiny diffusers StableDiffusionDepth2ImgPipeline folder (hybrid DPT), random weights."""
-    from pipeline_fixtures import build_depth2img
+def unclip_img2img_pipeline_dir(pipeline_dirs) -> Path:
+    return pipeline_dirs("unclip_img2img")
 
-    return build_depth2img(fixture_dir / "depth2img")
+
+@pytest.fixture(scope="session")
+def depth2img_pipeline_dir(pipeline_dirs) -> Path:
+    return pipeline_dirs("depth2img")

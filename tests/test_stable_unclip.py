@@ -47,17 +47,32 @@ def _t(x):
     return torch.from_numpy(np.asarray(x, np.float32))
 
 
-@pytest.fixture(scope="module")
-def unclip(unclip_pipeline_dir):
+def _unclip(folder):
     import diffusers
 
-    ref = diffusers.StableUnCLIPPipeline.from_pretrained(str(unclip_pipeline_dir))
+    ref = diffusers.StableUnCLIPPipeline.from_pretrained(str(folder))
     ref.set_progress_bar_config(disable=True)
     # diffusers 0.42 reaches for `text_encoder.text_model` under clip_skip, which transformers v5's flat
     # CLIPTextModel lacks: alias it (outside torch's module registry) so the reference runs.
     object.__setattr__(ref.text_encoder, "text_model", ref.text_encoder)
-    pipe, params = StableUnCLIPPipeline.from_pretrained(str(unclip_pipeline_dir))
+    pipe, params = StableUnCLIPPipeline.from_pretrained(str(folder))
     return ref, pipe, params
+
+
+@pytest.fixture(scope="module")
+def unclip_shapes(pipeline_dirs):
+    cache = {}
+
+    def get(shape):
+        if shape not in cache:
+            cache[shape] = _unclip(pipeline_dirs("unclip", shape))
+        return cache[shape]
+    return get
+
+
+@pytest.fixture(scope="module")
+def unclip(unclip_shapes):
+    return unclip_shapes("a")
 
 
 CASES = {
@@ -72,9 +87,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_txt2img_parity(unclip, case):
-    ref, pipe, params = unclip
+@pytest.mark.parametrize("shape, case", [("a", c) for c in CASES] + [("b", "negative_two_per_prompt"),
+                                                                       ("b", "clip_skip_eta")])
+def test_txt2img_parity(unclip_shapes, shape, case):
+    ref, pipe, params = unclip_shapes(shape)
     kw = dict(CASES[case])
     prompts = [kw["prompt"]] if isinstance(kw["prompt"], str) else kw["prompt"]
     b = len(prompts) * kw.get("num_images_per_prompt", 1)
@@ -92,7 +108,8 @@ def test_txt2img_parity(unclip, case):
     # then DDIM variance noise per step when eta > 0.
     draws = [_t(n) for n in prior_noise[:-1]] + [_t(embed_noise)]
     draws += [nhwc_to_nchw(n) for n in step_noise] if eta > 0 else []
-    with feed_noise(["diffusers.schedulers.scheduling_ddpm", "diffusers.pipelines.stable_diffusion.pipeline_stable_unclip",
+    with feed_noise(["diffusers.schedulers.scheduling_ddpm", "diffusers.schedulers.scheduling_unclip",
+                     "diffusers.pipelines.stable_diffusion.pipeline_stable_unclip",
                      "diffusers.schedulers.scheduling_ddim"], draws):
         expected = ref(height=hw, width=hw, num_inference_steps=steps, prior_num_inference_steps=prior_steps,
                        prior_latents=_t(prior_latents), latents=nhwc_to_nchw(latents), output_type="np",
@@ -163,13 +180,24 @@ def test_errors_before_work(unclip):
 
 
 @pytest.fixture(scope="module")
-def img2img(unclip_img2img_pipeline_dir):
+def img2img_shapes(pipeline_dirs):
     import diffusers
 
-    ref = diffusers.StableUnCLIPImg2ImgPipeline.from_pretrained(str(unclip_img2img_pipeline_dir))
-    ref.set_progress_bar_config(disable=True)
-    pipe, params = StableUnCLIPImg2ImgPipeline.from_pretrained(str(unclip_img2img_pipeline_dir))
-    return ref, pipe, params
+    cache = {}
+
+    def get(shape):
+        if shape not in cache:
+            folder = pipeline_dirs("unclip_img2img", shape)
+            ref = diffusers.StableUnCLIPImg2ImgPipeline.from_pretrained(str(folder))
+            ref.set_progress_bar_config(disable=True)
+            cache[shape] = (ref, *StableUnCLIPImg2ImgPipeline.from_pretrained(str(folder)))
+        return cache[shape]
+    return get
+
+
+@pytest.fixture(scope="module")
+def img2img(img2img_shapes):
+    return img2img_shapes("a")
 
 
 def _image(seed, hw=(40, 48), mode="RGB"):
@@ -185,15 +213,16 @@ I2I_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(I2I_CASES))
-def test_img2img_parity(img2img, case):
-    ref, pipe, params = img2img
+@pytest.mark.parametrize("shape, case", [("a", c) for c in I2I_CASES] + [("b", "two_per_prompt_negative")])
+def test_img2img_parity(img2img_shapes, shape, case):
+    ref, pipe, params = img2img_shapes(shape)
     kw = dict(I2I_CASES[case])
     n = kw.get("num_images_per_prompt", 1)
     rng = np.random.RandomState(7)
-    d = 32
+    d = pipe.image_encoder.config.projection_dim
+    h = 32 // pipe.vae_scale_factor
     embed_noise = rng.randn(1, d).astype(np.float32)
-    latents = rng.randn(n, 16, 16, 4).astype(np.float32)
+    latents = rng.randn(n, h, h, 4).astype(np.float32)
     image = _image(1)
     with feed_noise(["diffusers.pipelines.stable_diffusion.pipeline_stable_unclip_img2img"], [_t(embed_noise)]):
         expected = ref(image, height=32, width=32, num_inference_steps=3, latents=nhwc_to_nchw(latents),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any
 
 import jax
@@ -121,3 +122,35 @@ def check_random_input(x, shape: tuple, name: str):
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"`{name}` has shape {tuple(x.shape)}; expected {tuple(shape)}")
     return x
+
+
+def step_kwargs(scheduler, eta: float) -> dict:
+    """eta goes only to schedulers whose step takes it (DDIM), as diffusers does."""
+    return {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
+
+
+def sampling_loop(model_fn, scheduler, state, sample, key, step_noise, options, callback, callback_steps,
+                   timestep_stride):
+    """x_T -> x_0 over `state.timesteps` in one `lax.fori_loop`.
+
+    model_fn(x_in, t) -> the guided model output; `options` go to every `scheduler.step`. A callback (host function callback(i, t, x)) runs
+    every `callback_steps` steps through `jax.debug.callback`; `timestep_stride` is the scheduler
+    order, by which diffusers divides the step index it reports.
+    """
+    n = state.timesteps.shape[0]
+
+    def body(i, carry):
+        x, st = carry
+        t = st.timesteps[i]
+        out = model_fn(scheduler.scale_model_input(st, x, t), t)
+        noise = None if step_noise is None else step_noise[i]
+        res = scheduler.step(st, out, t, x, key=jax.random.fold_in(key, i), noise=noise, **options)
+        x = res.prev_sample
+        if callback is not None:
+            def report(i, t, x):
+                if int(i) % callback_steps == 0:
+                    callback(int(i) // timestep_stride, int(t), np.asarray(x))
+            jax.debug.callback(report, i, t, x, ordered=True)
+        return x, res.state
+
+    return jax.lax.fori_loop(0, n, body, (sample, state))[0]

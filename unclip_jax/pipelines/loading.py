@@ -168,3 +168,42 @@ def save_pipeline(
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
+
+
+class PipelineBase:
+    """A pipeline is its components (modules, schedulers, tokenizers, processors); params travel
+    separately, as a dict component name -> param tree."""
+
+    COMPONENTS: tuple[str, ...] = ()
+
+    def __init__(self, **components):
+        missing = set(self.COMPONENTS) - set(components)
+        extra = set(components) - set(self.COMPONENTS)
+        if missing or extra:
+            raise TypeError(f"{type(self).__name__} takes components {list(self.COMPONENTS)}; "
+                            f"missing {sorted(missing)}, unexpected {sorted(extra)}")
+        for name in self.COMPONENTS:
+            setattr(self, name, components[name])
+        self._source: str | None = None
+        self._index: dict | None = None
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str, *, dtype=jnp.float32, variant: str | None = None,
+                        revision: str | None = None, local_files_only: bool = False, **components):
+        """(pipeline, params) from a diffusers-format folder (PyTorch weights converted on load), a
+        folder written by `save_pretrained` (no torch needed), or a hub repo id. Components given by
+        keyword replace the folder's: a scheduler, tokenizer or processor object, or a
+        `(module, params)` pair for a model."""
+        from unclip_jax.pipelines.hub import resolve  # noqa: PLC0415
+
+        folder = resolve(path_or_repo_id, cls.COMPONENTS, variant=variant, revision=revision,
+                         local_files_only=local_files_only)
+        comps, params = load_pipeline(folder, cls.COMPONENTS, dtype=dtype, variant=variant, overrides=components)
+        pipe = cls(**comps)
+        pipe._source, pipe._index = folder, read_model_index(folder)
+        return pipe, params
+
+    def save_pretrained(self, directory: str, params: dict[str, Any]) -> None:
+        """Writes configs, tokenizer/processor files and orbax params; loading it needs no torch."""
+        index = dict(self._index or {"_class_name": type(self).__name__})
+        save_pipeline(directory, self._source or "", index, {n: getattr(self, n) for n in self.COMPONENTS}, params)

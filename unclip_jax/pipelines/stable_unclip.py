@@ -12,7 +12,6 @@ randomness comes from `key`.
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any
 
 import jax
@@ -30,82 +29,25 @@ from unclip_jax.pipelines.common import (
     guide,
     postprocess,
     repeat_per_image,
+    sampling_loop,
+    step_kwargs,
 )
-from unclip_jax.pipelines.loading import load_pipeline, read_model_index, save_pipeline
+from unclip_jax.pipelines.loading import PipelineBase
 from unclip_jax.tokenizer import tokenize
 
 DECODER_COMPONENTS = ("image_normalizer", "image_noising_scheduler", "tokenizer", "text_encoder", "unet",
                       "scheduler", "vae")
 
 
-def _step_kwargs(scheduler, eta: float) -> dict:
-    """eta goes only to schedulers whose step takes it (DDIM), as diffusers does."""
-    return {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
-
-
-def _sampling_loop(model_fn, scheduler, state, sample, key, step_noise, step_kwargs, callback, callback_steps,
-                   timestep_stride):
-    """x_T -> x_0 over `state.timesteps` in one `lax.fori_loop`.
-
-    model_fn(x_in, t) -> the guided model output. A callback (host function callback(i, t, x)) runs
-    every `callback_steps` steps through `jax.debug.callback`; `timestep_stride` is the scheduler
-    order, by which diffusers divides the step index it reports.
-    """
-    n = state.timesteps.shape[0]
-
-    def body(i, carry):
-        x, st = carry
-        t = st.timesteps[i]
-        out = model_fn(scheduler.scale_model_input(st, x, t), t)
-        noise = None if step_noise is None else step_noise[i]
-        res = scheduler.step(st, out, t, x, key=jax.random.fold_in(key, i), noise=noise, **step_kwargs)
-        x = res.prev_sample
-        if callback is not None:
-            def report(i, t, x):
-                if int(i) % callback_steps == 0:
-                    callback(int(i) // timestep_stride, int(t), np.asarray(x))
-            jax.debug.callback(report, i, t, x, ordered=True)
-        return x, res.state
-
-    return jax.lax.fori_loop(0, n, body, (sample, state))[0]
-
-
-class _UnCLIPDecoder:
+class _UnCLIPDecoder(PipelineBase):
     """What both Stable unCLIP pipelines share: prompt encoding, noise augmentation of the image
     embedding, the denoising loop and the VAE decode."""
 
     COMPONENTS: tuple[str, ...] = DECODER_COMPONENTS
 
     def __init__(self, **components):
-        missing = set(self.COMPONENTS) - set(components)
-        if missing:
-            raise TypeError(f"{type(self).__name__} needs component(s) {sorted(missing)}")
-        for name in self.COMPONENTS:
-            setattr(self, name, components[name])
+        super().__init__(**components)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self._source = None
-        self._index = None
-
-    # ------------------------------------------------------------------ loading and saving
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo_id: str, *, dtype=jnp.float32, variant: str | None = None,
-                        **components):
-        """(pipeline, params) from a diffusers-format folder (PyTorch weights converted on load) or a
-        folder written by `save_pretrained`. Components given by keyword replace the folder's: a
-        scheduler, tokenizer or processor object, or a `(module, params)` pair for a model."""
-        from unclip_jax.pipelines.hub import resolve  # noqa: PLC0415
-
-        folder = resolve(path_or_repo_id, cls.COMPONENTS, variant=variant)
-        comps, params = load_pipeline(folder, cls.COMPONENTS, dtype=dtype, variant=variant, overrides=components)
-        pipe = cls(**comps)
-        pipe._source, pipe._index = folder, read_model_index(folder)
-        return pipe, params
-
-    def save_pretrained(self, directory: str, params: dict[str, Any]) -> None:
-        """Writes configs, tokenizer/processor files and orbax params; loading it needs no torch."""
-        index = dict(self._index or {"_class_name": type(self).__name__})
-        save_pipeline(directory, self._source or "", index, {n: getattr(self, n) for n in self.COMPONENTS}, params)
 
     # ------------------------------------------------------------------ the decoder
 
@@ -154,8 +96,8 @@ class _UnCLIPDecoder:
             out = self.unet.apply({"params": unet_params}, x_in, t, prompt_embeds, class_labels)
             return guide(out, guidance_scale) if do_cfg else out
 
-        latents = _sampling_loop(model_fn, self.scheduler, state, latents, key, step_noise,
-                                 _step_kwargs(self.scheduler, eta), callback, callback_steps, self.scheduler.order)
+        latents = sampling_loop(model_fn, self.scheduler, state, latents, key, step_noise,
+                                 step_kwargs(self.scheduler, eta), callback, callback_steps, self.scheduler.order)
         return latents
 
     @functools.partial(jax.jit, static_argnums=(0,))
@@ -210,7 +152,7 @@ class StableUnCLIPPipeline(_UnCLIPDecoder):
             out = self.prior.apply({"params": prior_params}, x_in, t, proj, hidden, mask)
             return guide(out, guidance_scale) if do_cfg else out
 
-        latents = _sampling_loop(model_fn, self.prior_scheduler, state, latents, key, step_noise, {}, callback,
+        latents = sampling_loop(model_fn, self.prior_scheduler, state, latents, key, step_noise, {}, callback,
                                  callback_steps, 1)
         return self.prior.apply({"params": prior_params}, latents, method="post_process_latents")
 

@@ -14,9 +14,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from unclip_jax.models import clip, prior, unet, vae
+from unclip_jax.models import clip, dpt, prior, unet, vae
 from unclip_jax.weights import prior as prior_rules
 from unclip_jax.weights import tables
+from unclip_jax.weights.dpt import DPT
 from unclip_jax.weights.unet import UNET
 from unclip_jax.weights.vae import VAE
 from unclip_jax.weights.checkpoint import load_state_dict, read_config
@@ -68,7 +69,13 @@ def _image_normalizer(config: dict, dtype) -> Built:
     return Built(prior.StableUnCLIPImageNormalizer(c), prior.dummy_normalizer_inputs(c), prior_rules.IMAGE_NORMALIZER)
 
 
+def _dpt(config: dict, dtype) -> Built:
+    c = dpt.DPTConfig.from_dict(config)
+    return Built(dpt.DPTForDepthEstimation(c, dtype=dtype), dpt.dummy_inputs(c), DPT)
+
+
 ARCHITECTURES: dict[str, Callable[[dict, Any], Built]] = {
+    "DPTForDepthEstimation": _dpt,
     "UNet2DConditionModel": _unet,
     "AutoencoderKL": _vae,
     "PriorTransformer": _prior,
