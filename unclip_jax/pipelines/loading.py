@@ -9,6 +9,7 @@ folder loads without torch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -144,17 +145,23 @@ def save_pipeline(
     (or written from the component), and each model's params as orbax. Written to a temporary folder
     and renamed into place, so a failed save leaves nothing half-written at `folder`."""
     folder = os.path.abspath(folder)
+    if os.path.exists(folder):
+        raise FileExistsError(f"{folder}: already exists; save to a new folder")
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".saving-", dir=parent)
     try:
-        with open(os.path.join(tmp, "model_index.json"), "w") as f:
-            json.dump(index, f, indent=2)
+        index = dict(index)
         for name, comp in components.items():
             sub = os.path.join(tmp, name)
             src = os.path.join(source, name)
             os.makedirs(sub)
-            if os.path.isdir(src):
+            if hasattr(comp, "create_state"):  # a scheduler, maybe swapped: write its own config
+                config = {"_class_name": type(comp).__name__, **dataclasses.asdict(comp.config)}
+                with open(os.path.join(sub, "scheduler_config.json"), "w") as f:
+                    json.dump(config, f, indent=2)
+                index[name] = ["diffusers", type(comp).__name__]
+            elif os.path.isdir(src):
                 for fname in os.listdir(src):
                     if fname.endswith((".json", ".txt", ".model")):
                         shutil.copy2(os.path.join(src, fname), sub)
@@ -162,9 +169,9 @@ def save_pipeline(
                 comp.save_pretrained(sub)
             if name in params:
                 save_params(os.path.join(sub, ORBAX_DIR), params[name])
-        if os.path.exists(folder):
-            raise FileExistsError(f"{folder}: already exists; save to a new folder")
-        os.rename(tmp, folder)
+        with open(os.path.join(tmp, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+        os.rename(tmp, folder)  # fails if `folder` appeared meanwhile: nothing is overwritten
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
