@@ -111,8 +111,9 @@ class _UnCLIPDecoder(PipelineBase):
         k_latents, k_steps = jax.random.split(key)
         if do_cfg:
             image_embeds = jnp.concatenate([jnp.zeros_like(image_embeds), image_embeds])
-        state = self.scheduler.set_timesteps(self.scheduler.create_state(), num_inference_steps)
         shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor, self.unet.config.in_channels)
+        # The shape sizes multistep schedulers' histories before the compiled loop starts.
+        state = self.scheduler.set_timesteps(self.scheduler.create_state(), num_inference_steps, shape=shape)
         latents = check_random_input(latents, shape, "latents")
         if latents is None:
             latents = jax.random.normal(k_latents, shape, jnp.float32)
@@ -225,8 +226,9 @@ class StableUnCLIPPipeline(_UnCLIPDecoder):
             jnp.concatenate([repeat_per_image(a, num_images_per_prompt) for a in jnp.split(jnp.asarray(x), halves)])
             for x in (proj, hidden, mask.astype(bool))
         )
-        pstate = self.prior_scheduler.set_timesteps(self.prior_scheduler.create_state(), prior_num_inference_steps)
         dim = self.prior.config.embedding_dim
+        pstate = self.prior_scheduler.set_timesteps(self.prior_scheduler.create_state(), prior_num_inference_steps,
+                                                    shape=(batch, dim))
         prior_latents = check_random_input(prior_latents, (batch, dim), "prior_latents")
         if prior_latents is None:
             prior_latents = jax.random.normal(k_prior_latents, (batch, dim), jnp.float32)
