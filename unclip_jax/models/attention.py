@@ -128,7 +128,7 @@ class Attention(nn.Module):
             out = out + residual
         if self.rescale_output_factor != 1.0:
             out = out / self.rescale_output_factor
-        return out
+        return out.astype(self.dtype)
 
 
 class FeedForward(nn.Module):
@@ -211,4 +211,4 @@ class Transformer2DModel(nn.Module):
                                       query_chunk_size=self.query_chunk_size, dtype=self.dtype,
                                       name=f"transformer_blocks_{i}")(h, context)
         h = nn.Dense(c, dtype=self.dtype, name="proj_out")(h.reshape(b, hgt, wid, inner))
-        return h + x
+        return (h + x).astype(self.dtype)
