@@ -79,7 +79,9 @@ def write_tiny_unclip(folder: str, seed: int = 0) -> str:
             with open(os.path.join(src, name, "config.json"), "w") as f:
                 json.dump(config, f, indent=2)
             built = build(config)
-            params[name] = built.module.init(jax.random.fold_in(key, i), *built.dummy_inputs)["params"]
+            # One compiled init per module (eager init would compile every op separately).
+            init = jax.jit(built.module.init)
+            params[name] = init(jax.random.fold_in(key, i), *built.dummy_inputs)["params"]
             components[name] = built.module
         save_pipeline(folder, src, index, components, params)
     return folder

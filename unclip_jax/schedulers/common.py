@@ -188,3 +188,28 @@ def limit_pred_original(x0: jax.Array, config: Any) -> jax.Array:
     if getattr(config, "clip_sample", False):
         return jnp.clip(x0, -config.clip_sample_range, config.clip_sample_range)
     return x0
+
+
+def torch_linspace(start: float, end: float, n: int) -> np.ndarray:
+    """float32 [n] equal bit for bit to `torch.linspace(start, end, n, dtype=torch.float32)` on CPU.
+
+    np.linspace rounds differently in ~30% of entries; diffusers' timesteps that are truncated rather than
+    rounded (sigma_to_t of exponential / beta sigmas) can then land one integer apart. torch steps by a
+    float32 increment from the start for the first half and back from the end for the second, each point
+    one fused multiply-add (emulated here in float64, which is exact for these products).
+    """
+    start32, end32 = np.float32(start), np.float32(end)
+    if n == 1:
+        return np.asarray([start32], np.float32)
+    step = np.float64((end32 - start32) / np.float32(n - 1))
+    idx = np.arange(n)
+    up = (np.float64(start32) + step * idx).astype(np.float32)
+    down = (np.float64(end32) - step * (n - 1 - idx)).astype(np.float32)
+    return np.where(idx < n // 2, up, down).astype(np.float32)
+
+
+def torch_alphas_cumprod(betas: np.ndarray) -> np.ndarray:
+    """float32 prod(1 - beta) equal bit for bit to `torch.cumprod` on CPU, which accumulates float32 in
+    float64 (np.cumprod in float32 drifts by a few ulp over 1000 steps)."""
+    alphas = 1.0 - np.asarray(betas, np.float32)
+    return np.cumprod(alphas, dtype=np.float64).astype(np.float32)

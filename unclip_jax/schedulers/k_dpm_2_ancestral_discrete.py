@@ -1,0 +1,153 @@
+"""Ancestral DPM-Solver-2 (k-diffusion's `sample_dpm_2_ancestral`), as diffusers'
+KDPM2AncestralDiscreteScheduler: the midpoint step of KDPM2 aimed at sigma_down instead of sigma_next,
+then fresh noise of std sigma_up (sigma_down^2 + sigma_up^2 = sigma_next^2)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unclip_jax.schedulers import _multistep as ms
+from unclip_jax.schedulers import common
+from unclip_jax.schedulers.euler_discrete import (
+    add_sigma_noise,
+    denoised,
+    discrete_sigmas,
+    init_noise_sigma_of,
+    scale_by_sigma,
+)
+from unclip_jax.schedulers.heun_discrete import interleave
+from unclip_jax.schedulers.k_dpm_2_discrete import log_midpoints, sigmas_to_t
+
+
+@dataclasses.dataclass(frozen=True)
+class KDPM2AncestralDiscreteConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "linear"
+    trained_betas: tuple[float, ...] | None = None
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
+
+    def __post_init__(self):
+        ms.check_unsupported(self, "KDPM2AncestralDiscrete")
+        ms.sigma_kind(self)
+        if self.prediction_type == "sample":  # diffusers raises NotImplementedError at the step
+            raise common.SchedulerConfigError("KDPM2AncestralDiscrete: prediction_type 'sample' is not supported")
+
+
+@flax.struct.dataclass
+class KDPM2AncestralDiscreteState:
+    alphas_cumprod: jax.Array  # [T] float32
+    timesteps: jax.Array  # [2n - 1] float32: t0, t_mid1, t1, t_mid2, t2, ...
+    sigmas: jax.Array  # [2n + 2] float32, interleaved
+    sigmas_interpol: jax.Array  # [2n + 2] float32, log-midpoints of sigma and sigma_down, interleaved
+    sigmas_up: jax.Array  # [2n + 2] float32, interleaved
+    sigmas_down: jax.Array  # [2n + 2] float32, interleaved
+    first_order: jax.Array  # [] bool: the next call starts an interval
+    saved: jax.Array  # [1, ...] float32: the sample at the interval's start
+    step_index: jax.Array  # [] int32, -1 before the first step
+    begin_index: jax.Array  # [] int32, -1 unless set
+    init_noise_sigma: jax.Array  # []
+
+
+@dataclasses.dataclass(frozen=True)
+class KDPM2AncestralDiscreteScheduler:
+    config: KDPM2AncestralDiscreteConfig = KDPM2AncestralDiscreteConfig()
+    order: ClassVar[int] = 2
+
+    @classmethod
+    def from_config(cls, config: dict | KDPM2AncestralDiscreteConfig | None = None,
+                    **overrides: Any) -> KDPM2AncestralDiscreteScheduler:
+        if isinstance(config, KDPM2AncestralDiscreteConfig):
+            return cls(dataclasses.replace(config, **overrides))
+        return cls(common.config_from_dict(KDPM2AncestralDiscreteConfig, config, **overrides))
+
+    def create_state(self, shape=None) -> KDPM2AncestralDiscreteState:
+        return self.set_timesteps(None, self.config.num_train_timesteps, shape)
+
+    def set_timesteps(self, state, num_inference_steps: int, shape=None) -> KDPM2AncestralDiscreteState:
+        """`shape` (the sample's) fixes the saved sample's shape, as a compiled loop needs."""
+        c = self.config
+        ac = ms.schedule_alphas_cumprod(c)
+        ts, sigmas, log_sigmas = discrete_sigmas(c, ac, num_inference_steps)
+        if c.use_karras_sigmas:
+            ts = np.round(ts)  # diffusers rounds the Karras timesteps (only) for this scheduler
+        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        nxt = np.concatenate([sigmas[1:], [0.0]]).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # The last entry is 0/0 = NaN, as in diffusers; it is never used.
+            up = np.sqrt(nxt**2 * (sigmas**2 - nxt**2) / sigmas**2).astype(np.float32)
+            down = np.sqrt(nxt**2 - up**2).astype(np.float32)
+        down[-1] = 0.0
+        mids = log_midpoints(sigmas, down)
+        mids[-2:] = 0.0
+        ts_mid = sigmas_to_t(mids, log_sigmas)
+        ts = np.asarray(ts)
+        ts = np.concatenate([ts[:1], np.stack([ts_mid[:-2], ts[1:]], axis=-1).reshape(-1)]).astype(np.float32)
+        return KDPM2AncestralDiscreteState(
+            alphas_cumprod=jnp.asarray(ac),
+            timesteps=jnp.asarray(ts),
+            sigmas=jnp.asarray(interleave(sigmas)),
+            sigmas_interpol=jnp.asarray(interleave(mids)),
+            sigmas_up=jnp.asarray(interleave(up)),
+            sigmas_down=jnp.asarray(interleave(down)),
+            first_order=jnp.asarray(True),
+            saved=jnp.zeros(ms.history_shape(1, shape), jnp.float32),
+            step_index=jnp.asarray(-1, jnp.int32),
+            begin_index=jnp.asarray(-1, jnp.int32),
+            init_noise_sigma=jnp.asarray(init_noise_sigma_of(interleave(sigmas), c.timestep_spacing)),
+        )
+
+    def set_begin_index(self, state, begin_index: int = 0) -> KDPM2AncestralDiscreteState:
+        return state.replace(begin_index=jnp.asarray(begin_index, jnp.int32))
+
+    def scale_model_input(self, state, sample: jax.Array, timestep) -> jax.Array:
+        i = ms.current_step_index(state, timestep)
+        return scale_by_sigma(sample, jnp.where(state.first_order, state.sigmas[i],
+                                                ms.sigma_at(state.sigmas_interpol, i - 1)))
+
+    def step(
+        self,
+        state: KDPM2AncestralDiscreteState,
+        model_output: jax.Array,
+        timestep,
+        sample: jax.Array,
+        *,
+        key: jax.Array | None = None,
+        noise: jax.Array | None = None,
+    ) -> common.SchedulerOutput:
+        """The midpoint call or the noisy full-step call, as the state says; `key` or `noise` is needed
+        (only the full-step calls use it)."""
+        x = sample.astype(jnp.float32)
+        out = model_output.astype(jnp.float32)
+        saved = ms.history_for(state.saved, x)
+        i = ms.current_step_index(state, timestep)
+        first = state.first_order
+        prev_i = ms.sigma_at(state.sigmas, i - 1), ms.sigma_at(state.sigmas_interpol, i - 1)
+        sigma = jnp.where(first, state.sigmas[i], prev_i[0])
+        sigma_mid = jnp.where(first, state.sigmas_interpol[i], prev_i[1])
+        sigma_up = ms.sigma_at(state.sigmas_up, i - 1)
+        sigma_down = ms.sigma_at(state.sigmas_down, i - 1)
+        x0 = denoised(self.config.prediction_type, out, x, jnp.where(first, sigma, sigma_mid))
+        half = x + (x - x0) / sigma * (sigma_mid - sigma)
+        z = ms.gaussian(key, noise, x.shape, "KDPM2Ancestral")
+        full = saved[0] + (x - x0) / sigma_mid * (sigma_down - sigma) + z * sigma_up
+        prev = jnp.where(first, half, full)
+        new_state = state.replace(first_order=jnp.logical_not(first), saved=jnp.where(first, x[None], saved),
+                                  step_index=i + 1)
+        return common.SchedulerOutput(prev_sample=prev.astype(sample.dtype), state=new_state,
+                                      pred_original_sample=x0.astype(sample.dtype))
+
+    def add_noise(self, state, original: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
+        return add_sigma_noise(state, original, noise, timesteps)
