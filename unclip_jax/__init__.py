@@ -1,12 +1,21 @@
 """unclip-jax: Stable unCLIP, the Karlo prior and depth-to-image in pure-functional JAX/Flax.
 
-The public API. Models are flax.linen modules whose params are a separate pytree; everything is
-channels-last; every random draw can be passed in.
+The public API. Models are flax.linen modules whose params are a separate pytree; schedulers are
+frozen objects with immutable state pytrees; pipelines take params and a `jax.random.key` per call.
+Everything is channels-last, and every random draw can be passed in.
 """
 
 from unclip_jax.image_processing import CLIPImageProcessor
+from unclip_jax.image_processing_dpt import DPTImageProcessor
 from unclip_jax.models.clip import CLIPOutput, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 from unclip_jax.models.config import UnsupportedConfigError
+from unclip_jax.models.dpt import DPTConfig, DPTForDepthEstimation
+from unclip_jax.models.prior import PriorTransformer, PriorTransformerConfig, StableUnCLIPImageNormalizer
+from unclip_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+from unclip_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian
+from unclip_jax.pipelines.common import ImagePipelineOutput
+from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline, StableUnCLIPPipeline
+from unclip_jax.schedulers import SCHEDULERS, SchedulerOutput, scheduler_from_config
 from unclip_jax.tokenizer import load_tokenizer, tokenize, write_clip_tokenizer
 from unclip_jax.weights.components import load_component
 from unclip_jax.weights.convert import ConversionError
@@ -16,6 +25,9 @@ from unclip_jax.weights.safetensors_io import CheckpointError
 __version__ = "0.1.0"
 
 __all__ = [
+    "SCHEDULERS",
+    "AutoencoderKL",
+    "AutoencoderKLConfig",
     "CLIPImageProcessor",
     "CLIPOutput",
     "CLIPTextConfig",
@@ -24,11 +36,25 @@ __all__ = [
     "CLIPVisionModel",
     "CheckpointError",
     "ConversionError",
+    "DPTConfig",
+    "DPTForDepthEstimation",
+    "DPTImageProcessor",
+    "DiagonalGaussian",
+    "ImagePipelineOutput",
+    "PriorTransformer",
+    "PriorTransformerConfig",
+    "SchedulerOutput",
+    "StableUnCLIPImageNormalizer",
+    "StableUnCLIPImg2ImgPipeline",
+    "StableUnCLIPPipeline",
+    "UNet2DConditionConfig",
+    "UNet2DConditionModel",
     "UnsupportedConfigError",
     "load_component",
     "load_tokenizer",
     "restore_params",
     "save_params",
+    "scheduler_from_config",
     "tokenize",
     "write_clip_tokenizer",
 ]

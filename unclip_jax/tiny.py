@@ -15,6 +15,7 @@ import os
 import tempfile
 
 import jax
+import numpy as np
 
 from unclip_jax.tokenizer import write_clip_tokenizer
 
@@ -52,24 +53,40 @@ CONFIGS = {
 _LIBRARY = {"prior_text_encoder": "transformers", "text_encoder": "transformers", "image_normalizer": "stable_diffusion"}
 
 
+def _random_params(abstract, rng: np.random.Generator):
+    """Random params of the abstract tree's shapes, drawn on the host (no init to compile): norm scales
+    1, biases 0, other weights N(0, 1 / fan_in)."""
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale" or name == "std":
+            return np.ones(leaf.shape, np.float32)
+        if name in ("bias", "mean") or len(leaf.shape) == 0:
+            return np.zeros(leaf.shape, np.float32)
+        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else leaf.shape[0]
+        return (rng.standard_normal(leaf.shape) / np.sqrt(max(fan_in, 1))).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
 def write_tiny_unclip(folder: str, seed: int = 0) -> str:
     """Writes the tiny checkpoint to `folder` (which must not exist) and returns it."""
     from unclip_jax.pipelines.loading import save_pipeline  # noqa: PLC0415
     from unclip_jax.schedulers import scheduler_from_config  # noqa: PLC0415
     from unclip_jax.tokenizer import load_tokenizer  # noqa: PLC0415
     from unclip_jax.weights.components import build  # noqa: PLC0415
+    from unclip_jax.weights.convert import abstract_params  # noqa: PLC0415
 
     if os.path.exists(folder):
         raise FileExistsError(f"{folder}: already exists")
     index: dict = {"_class_name": "StableUnCLIPPipeline"}
     components, params = {}, {}
-    key = jax.random.key(seed)
+    rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as src:
         for name in ("prior_tokenizer", "tokenizer"):
             write_clip_tokenizer(os.path.join(src, name), pad_token="<|endoftext|>" if name.startswith("prior") else "!")
             components[name] = load_tokenizer(os.path.join(src, name))
             index[name] = ["transformers", "CLIPTokenizer"]
-        for i, (name, config) in enumerate(CONFIGS.items()):
+        for name, config in CONFIGS.items():
             os.makedirs(os.path.join(src, name))
             cls = config.get("_class_name") or config["architectures"][0]
             index[name] = [_LIBRARY.get(name, "diffusers"), cls]
@@ -79,9 +96,7 @@ def write_tiny_unclip(folder: str, seed: int = 0) -> str:
             with open(os.path.join(src, name, "config.json"), "w") as f:
                 json.dump(config, f, indent=2)
             built = build(config)
-            # One compiled init per module (eager init would compile every op separately).
-            init = jax.jit(built.module.init)
-            params[name] = init(jax.random.fold_in(key, i), *built.dummy_inputs)["params"]
+            params[name] = _random_params(abstract_params(built.module, *built.dummy_inputs), rng)
             components[name] = built.module
         save_pipeline(folder, src, index, components, params)
     return folder

@@ -39,6 +39,16 @@ DECODER_COMPONENTS = ("image_normalizer", "image_noising_scheduler", "tokenizer"
                       "scheduler", "vae")
 
 
+def _check_real(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+
+
+def _check_count(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
 class _UnCLIPDecoder(PipelineBase):
     """What both Stable unCLIP pipelines share: prompt encoding, noise augmentation of the image
     embedding, the denoising loop and the VAE decode."""
@@ -51,7 +61,10 @@ class _UnCLIPDecoder(PipelineBase):
 
     # ------------------------------------------------------------------ the decoder
 
-    def _check_decoder_args(self, height, width, callback_steps, noise_level, output_type):
+    def _check_decoder_args(self, height, width, callback_steps, noise_level, output_type, guidance_scale,
+                            num_inference_steps):
+        _check_real(guidance_scale, "guidance_scale")
+        _check_count(num_inference_steps, "num_inference_steps")
         f = self.vae_scale_factor
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of {f}; got {height} and {width}")
@@ -204,7 +217,11 @@ class StableUnCLIPPipeline(_UnCLIPDecoder):
         f = self.vae_scale_factor
         height = height or self.unet.config.sample_size * f
         width = width or self.unet.config.sample_size * f
-        self._check_decoder_args(height, width, callback_steps, noise_level, output_type)
+        self._check_decoder_args(height, width, callback_steps, noise_level, output_type, guidance_scale,
+                                 num_inference_steps)
+        _check_real(prior_guidance_scale, "prior_guidance_scale")
+        _check_count(prior_num_inference_steps, "prior_num_inference_steps")
+        _check_count(num_images_per_prompt, "num_images_per_prompt")
         batch = batch_size_of(prompt, prompt_embeds) * num_images_per_prompt
         if prompt is None:
             raise ValueError("prompt is needed: the prior is conditioned on it (prompt_embeds only feed the decoder)")
@@ -305,7 +322,9 @@ class StableUnCLIPImg2ImgPipeline(_UnCLIPDecoder):
         f = self.vae_scale_factor
         height = height or self.unet.config.sample_size * f
         width = width or self.unet.config.sample_size * f
-        self._check_decoder_args(height, width, callback_steps, noise_level, output_type)
+        self._check_decoder_args(height, width, callback_steps, noise_level, output_type, guidance_scale,
+                                 num_inference_steps)
+        _check_count(num_images_per_prompt, "num_images_per_prompt")
         if prompt_embeds is not None and prompt == "":
             prompt = None  # the default prompt yields to given embeddings
         batch = batch_size_of(prompt, prompt_embeds) * num_images_per_prompt
