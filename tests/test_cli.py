@@ -39,4 +39,7 @@ def test_tiny_checkpoint_text_to_png(tmp_path):
 def test_user_errors_are_one_line(args, message):
     r = _run(*args)
     assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+    # Progress lines may precede it; the error is one line, last, with no traceback.
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"unclip-jax {args[0]}: error: ") and message in last, r.stderr
+    assert "Traceback" not in r.stderr
