@@ -183,23 +183,34 @@ def build_unclip_img2img(folder: Path, shape: str = "a") -> Path:
 
 
 def build_depth2img(folder: Path, shape: str = "a") -> Path:
-    """A tiny StableDiffusionDepth2ImgPipeline with a hybrid (BiT + ViT) DPT depth estimator."""
+    """A tiny StableDiffusionDepth2ImgPipeline. Shape "a": a hybrid (BiT + ViT) DPT depth estimator, as
+    stable-diffusion-2-depth ships, at 32 x 32; shape "b": a plain-ViT DPT (dpt-large's layout) at 40 x 40
+    (its 4 x 4 position grid resized to 5 x 5), so that depth and latent grids differ in size and aspect."""
     import transformers
     from diffusers import StableDiffusionDepth2ImgPipeline
 
     sh = SHAPES[shape]
-    backbone = dict(global_padding="same", layer_type="bottleneck", depths=[1, 1, 1], hidden_sizes=[16, 16, 32],
-                    embedding_dynamic_padding=True, out_features=["stage1", "stage2", "stage3"],
-                    num_groups=2, embedding_size=8)
-    dpt = transformers.DPTConfig(
-        image_size=32, patch_size=16, num_channels=3, hidden_size=32, num_hidden_layers=4,
-        backbone_out_indices=(0, 1, 2, 3), num_attention_heads=4, intermediate_size=37, is_decoder=False,
-        embedding_type="hybrid", is_hybrid=True, backbone_config=backbone, backbone_featmap_shape=[1, 32, 2, 2],
-        neck_hidden_sizes=[16, 16, 32, 32], reassemble_factors=[4, 2, 1, 0.5], fusion_hidden_size=16,
-    )
+    if shape == "a":
+        backbone = dict(global_padding="same", layer_type="bottleneck", depths=[1, 1, 1], hidden_sizes=[16, 16, 32],
+                        embedding_dynamic_padding=True, out_features=["stage1", "stage2", "stage3"],
+                        num_groups=2, embedding_size=8)
+        dpt = transformers.DPTConfig(
+            image_size=32, patch_size=16, num_channels=3, hidden_size=32, num_hidden_layers=4,
+            backbone_out_indices=(0, 1, 2, 3), num_attention_heads=4, intermediate_size=37, is_decoder=False,
+            embedding_type="hybrid", is_hybrid=True, backbone_config=backbone, backbone_featmap_shape=[1, 32, 2, 2],
+            neck_hidden_sizes=[16, 16, 32, 32], reassemble_factors=[4, 2, 1, 0.5], fusion_hidden_size=16,
+        )
+        size = 32
+    else:
+        dpt = transformers.DPTConfig(
+            image_size=32, patch_size=8, num_channels=3, hidden_size=24, num_hidden_layers=4,
+            backbone_out_indices=(0, 1, 2, 3), num_attention_heads=3, intermediate_size=40,
+            neck_hidden_sizes=[8, 16, 16, 24], reassemble_factors=[4, 2, 1, 0.5], fusion_hidden_size=16,
+        )
+        size = 40
     pipe = StableDiffusionDepth2ImgPipeline(
         depth_estimator=randomize_(transformers.DPTForDepthEstimation(dpt), seed=40),
-        feature_extractor=transformers.DPTImageProcessorPil(do_rescale=True, size={"height": 32, "width": 32},
+        feature_extractor=transformers.DPTImageProcessorPil(do_rescale=True, size={"height": size, "width": size},
                                                             keep_aspect_ratio=False),
         **_decoder_parts(sh, _scratch(folder, "tokenizer"), class_embed=False, in_channels=5),
     )

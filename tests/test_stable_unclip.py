@@ -3,44 +3,17 @@ random-weight checkpoints, given the same explicit random inputs."""
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from torch_ref import nchw_to_nhwc, nhwc_to_nchw
+from torch_ref import feed_noise, nchw_to_nhwc, nhwc_to_nchw
 
 import unclip_jax as uj
 from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline, StableUnCLIPPipeline
 
 TOL = 2e-3  # max abs on images in [0, 1], fp32
-
-
-@contextlib.contextmanager
-def feed_noise(module_paths, draws):
-    """Makes diffusers' `randn_tensor` in the given modules return `draws` (torch NCHW/ND), in order."""
-    import importlib
-
-    queue = list(draws)
-    saved = []
-
-    def fake(shape, generator=None, device=None, dtype=None, layout=None):
-        x = queue.pop(0)
-        assert tuple(x.shape) == tuple(shape), (x.shape, shape)
-        return x.to(dtype or torch.float32)
-
-    for path in module_paths:
-        mod = importlib.import_module(path)
-        saved.append((mod, mod.randn_tensor))
-        mod.randn_tensor = fake
-    try:
-        yield queue
-    finally:
-        for mod, fn in saved:
-            mod.randn_tensor = fn
-    assert not queue, f"{len(queue)} supplied draws were not used"
 
 
 def _t(x):

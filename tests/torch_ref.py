@@ -7,6 +7,8 @@ swapped norm in the conversion.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
 
 import numpy as np
@@ -57,3 +59,26 @@ def assert_close(actual, expected, rel: float, what: str = "") -> None:
     scale = max(float(np.abs(expected).max()), 1e-6)
     err = float(np.abs(actual - expected).max())
     assert err <= rel * scale, f"{what}: max abs error {err:.3g} > {rel:g} x scale {scale:.3g}"
+
+
+@contextlib.contextmanager
+def feed_noise(module_paths, draws):
+    """Makes diffusers' `randn_tensor` in the given modules return `draws` (torch NCHW/ND), in order."""
+    queue = list(draws)
+    saved = []
+
+    def fake(shape, generator=None, device=None, dtype=None, layout=None):
+        x = queue.pop(0)
+        assert tuple(x.shape) == tuple(shape), (x.shape, shape)
+        return x.to(dtype or torch.float32)
+
+    for path in module_paths:
+        mod = importlib.import_module(path)
+        saved.append((mod, mod.randn_tensor))
+        mod.randn_tensor = fake
+    try:
+        yield queue
+    finally:
+        for mod, fn in saved:
+            mod.randn_tensor = fn
+    assert not queue, f"{len(queue)} supplied draws were not used"

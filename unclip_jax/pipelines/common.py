@@ -129,28 +129,37 @@ def step_kwargs(scheduler, eta: float) -> dict:
     return {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
 
 
-def sampling_loop(model_fn, scheduler, state, sample, key, step_noise, options, callback, callback_steps,
-                   timestep_stride):
-    """x_T -> x_0 over `state.timesteps` in one `lax.fori_loop`.
+def sampling_loop(model_fn, scheduler, state, sample, key, step_noise, options, callback=None, callback_steps=1,
+                  timestep_stride=1, *, start=0, cond=None, on_step_end=None):
+    """x_t -> x_0 over `state.timesteps[start:]` in one `lax.fori_loop`.
 
-    model_fn(x_in, t) -> the guided model output; `options` go to every `scheduler.step`. A callback (host function callback(i, t, x)) runs
-    every `callback_steps` steps through `jax.debug.callback`; `timestep_stride` is the scheduler
-    order, by which diffusers divides the step index it reports.
+    model_fn(x_in, t) -> the guided model output, or model_fn(x_in, t, cond) when `cond` (a pytree of
+    conditioning carried through the loop) is given; `options` go to every `scheduler.step`.
+    start: the first timestep index (img2img starts part-way; a static int keeps the trip count static).
+      Step indices reported to callbacks, and rows of `step_noise` [steps, ...], count from it.
+    callback: a host function callback(i, t, x), run every `callback_steps` steps through
+      `jax.debug.callback`; `timestep_stride` is the scheduler order, by which diffusers divides the
+      step index it reports.
+    on_step_end(i, t, x, cond) -> (x, cond): traced after each step (e.g. a host round trip through
+      `io_callback` that may replace the latents or the conditioning).
     """
     n = state.timesteps.shape[0]
 
     def body(i, carry):
-        x, st = carry
+        x, st, c = carry
         t = st.timesteps[i]
-        out = model_fn(scheduler.scale_model_input(st, x, t), t)
-        noise = None if step_noise is None else step_noise[i]
+        x_in = scheduler.scale_model_input(st, x, t)
+        out = model_fn(x_in, t) if cond is None else model_fn(x_in, t, c)
+        noise = None if step_noise is None else step_noise[i - start]
         res = scheduler.step(st, out, t, x, key=jax.random.fold_in(key, i), noise=noise, **options)
         x = res.prev_sample
         if callback is not None:
             def report(i, t, x):
                 if int(i) % callback_steps == 0:
                     callback(int(i) // timestep_stride, int(t), np.asarray(x))
-            jax.debug.callback(report, i, t, x, ordered=True)
-        return x, res.state
+            jax.debug.callback(report, i - start, t, x, ordered=True)
+        if on_step_end is not None:
+            x, c = on_step_end(i - start, t, x, c)
+        return x, res.state, c
 
-    return jax.lax.fori_loop(0, n, body, (sample, state))[0]
+    return jax.lax.fori_loop(start, n, body, (sample, state, cond))[0]
