@@ -14,6 +14,7 @@ from unclip_jax.models.prior import PriorTransformer, PriorTransformerConfig, St
 from unclip_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from unclip_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian
 from unclip_jax.pipelines.common import ImagePipelineOutput
+from unclip_jax.pipelines.depth2img import StableDiffusionDepth2ImgPipeline
 from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline, StableUnCLIPPipeline
 from unclip_jax.schedulers import SCHEDULERS, SchedulerOutput, scheduler_from_config
 from unclip_jax.tokenizer import load_tokenizer, tokenize, write_clip_tokenizer
@@ -44,6 +45,7 @@ __all__ = [
     "PriorTransformer",
     "PriorTransformerConfig",
     "SchedulerOutput",
+    "StableDiffusionDepth2ImgPipeline",
     "StableUnCLIPImageNormalizer",
     "StableUnCLIPImg2ImgPipeline",
     "StableUnCLIPPipeline",
