@@ -244,3 +244,27 @@ def test_save_and_reload_gives_same_images(img2img, tmp_path):
     np.testing.assert_array_equal(pipe(_image(5), params=params, **kw).images,
                                   pipe2(_image(5), params=params2, **kw).images)
     _ = nchw_to_nhwc
+
+
+def test_second_call_compiles_nothing_and_progress_bar(unclip, capsys):
+    """Same static configuration: the compiled loops are reused (new key, new prompt text, new inputs)."""
+    _, pipe, params = unclip
+    kw = dict(params=params, height=32, width=32, num_inference_steps=3, prior_num_inference_steps=2,
+              output_type="latent", guidance_scale=2.0, progress_bar=True)
+    pipe("a cat", key=jax.random.key(0), **kw)
+    sizes = (pipe._denoise._cache_size(), pipe._prior_sample._cache_size(), pipe._decode._cache_size())
+    pipe("a dog in the rain", key=jax.random.key(1), **kw)
+    assert (pipe._denoise._cache_size(), pipe._prior_sample._cache_size(), pipe._decode._cache_size()) == sizes
+    err = capsys.readouterr().err
+    assert "prior:" in err and "/2" in err and "denoising:" in err and "/3" in err
+
+
+def test_guidance_argument_types(unclip):
+    _, pipe, params = unclip
+    kw = dict(params=params, key=jax.random.key(0), height=32, width=32)
+    with pytest.raises(TypeError, match="guidance_scale must be a number; got str"):
+        pipe("x", guidance_scale="7", **kw)
+    with pytest.raises(TypeError, match="prior_guidance_scale must be a number; got NoneType"):
+        pipe("x", prior_guidance_scale=None, **kw)
+    with pytest.raises(ValueError, match="num_inference_steps must be a positive integer; got 0"):
+        pipe("x", num_inference_steps=0, **kw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
 from typing import Any
 
 import jax
@@ -130,7 +131,7 @@ def step_kwargs(scheduler, eta: float) -> dict:
 
 
 def sampling_loop(model_fn, scheduler, state, sample, key, step_noise, options, callback=None, callback_steps=1,
-                  timestep_stride=1, *, start=0, cond=None, on_step_end=None):
+                  timestep_stride=1, *, start=0, cond=None, on_step_end=None, progress: str | None = None):
     """x_t -> x_0 over `state.timesteps[start:]` in one `lax.fori_loop`.
 
     model_fn(x_in, t) -> the guided model output, or model_fn(x_in, t, cond) when `cond` (a pytree of
@@ -142,8 +143,10 @@ def sampling_loop(model_fn, scheduler, state, sample, key, step_noise, options, 
       step index it reports.
     on_step_end(i, t, x, cond) -> (x, cond): traced after each step (e.g. a host round trip through
       `io_callback` that may replace the latents or the conditioning).
+    progress: a label: show a progress bar (tqdm, on stderr) advanced from the host after each step.
     """
     n = state.timesteps.shape[0]
+    tick = _progress_ticker(progress, n - start) if progress else None
 
     def body(i, carry):
         x, st, c = carry
@@ -160,6 +163,30 @@ def sampling_loop(model_fn, scheduler, state, sample, key, step_noise, options, 
             jax.debug.callback(report, i - start, t, x, ordered=True)
         if on_step_end is not None:
             x, c = on_step_end(i - start, t, x, c)
+        if tick is not None:
+            jax.debug.callback(tick, i - start, ordered=True)
         return x, res.state, c
 
     return jax.lax.fori_loop(start, n, body, (sample, state, cond))[0]
+
+
+def _progress_ticker(label: str, total: int):
+    """A host function advancing a progress bar that opens at step 0 and closes after the last step
+    (a compiled loop calls the same function on every run, so the bar lives in this closure)."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    bar = []
+
+    def tick(i):
+        if int(i) == 0:
+            bar[:] = [tqdm(total=total, desc=label, leave=False)]
+        bar[0].update(1)
+        if int(i) == total - 1:
+            bar[0].close()
+
+    return tick
+
+
+def want_progress(progress_bar: bool | None) -> bool:
+    """None (the default) shows progress bars when stderr is a terminal."""
+    return sys.stderr.isatty() if progress_bar is None else bool(progress_bar)

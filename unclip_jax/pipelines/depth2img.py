@@ -32,6 +32,7 @@ from unclip_jax.pipelines.common import (
     postprocess,
     sampling_loop,
     step_kwargs,
+    want_progress,
 )
 from unclip_jax.pipelines.loading import PipelineBase
 
@@ -200,9 +201,9 @@ class StableDiffusionDepth2ImgPipeline(PipelineBase):
         return jnp.concatenate([d, d]) if do_cfg else d
 
     @functools.partial(jax.jit, static_argnums=(0,),
-                       static_argnames=("start", "do_cfg", "callback", "tensor_inputs", "eta"))
+                       static_argnames=("start", "do_cfg", "callback", "tensor_inputs", "eta", "progress"))
     def _denoise(self, params, state, init_latents, noise, text, negative, depth_mask, guidance_scale, key,
-                 step_noise, *, start, do_cfg, callback, tensor_inputs, eta):
+                 step_noise, *, start, do_cfg, callback, tensor_inputs, eta, progress):
         t0 = jnp.full((init_latents.shape[0],), state.timesteps[start])
         latents = self.scheduler.add_noise(state, init_latents, noise, t0)
         unet_params = params["unet"]
@@ -225,7 +226,7 @@ class StableDiffusionDepth2ImgPipeline(PipelineBase):
         cond = {"prompt_embeds": text, "negative_prompt_embeds": negative, "depth_mask": depth_mask}
         options = step_kwargs(self.scheduler, eta)
         return sampling_loop(model_fn, self.scheduler, state, latents, key, step_noise, options, start=start, cond=cond,
-                             on_step_end=on_step_end)
+                             on_step_end=on_step_end, progress="denoising" if progress else None)
 
     def _run_callback(self, callback, names, i, t, args):
         """On the host, once per step: diffusers' callback_on_step_end(pipe, i, t, kwargs) -> dict, whose
@@ -284,6 +285,7 @@ class StableDiffusionDepth2ImgPipeline(PipelineBase):
         image_latents=None,
         noise=None,
         step_noise=None,
+        progress_bar: bool | None = None,
         mesh=None,
     ):
         """Re-renders `image` guided by `prompt`, keeping its depth (see diffusers'
@@ -405,7 +407,8 @@ class StableDiffusionDepth2ImgPipeline(PipelineBase):
 
         latents = self._denoise(params, state, init_latents, noise, text, npe, depth_mask,
                                 jnp.float32(guidance_scale), k_steps, step_noise, start=start, do_cfg=do_cfg,
-                                callback=callback_on_step_end, tensor_inputs=tensor_inputs, eta=float(eta))
+                                callback=callback_on_step_end, tensor_inputs=tensor_inputs, eta=float(eta),
+                                progress=want_progress(progress_bar))
         images_out = latents if output_type == "latent" else self._decode(params, latents)
         images_out = postprocess(images_out, output_type)
         return ImagePipelineOutput(images_out) if return_dict else (images_out,)

@@ -31,6 +31,7 @@ from unclip_jax.pipelines.common import (
     repeat_per_image,
     sampling_loop,
     step_kwargs,
+    want_progress,
 )
 from unclip_jax.pipelines.loading import PipelineBase
 from unclip_jax.tokenizer import tokenize
@@ -99,9 +100,10 @@ class _UnCLIPDecoder(PipelineBase):
         noise = check_random_input(noise, image_embeds.shape, "image_embeds_noise")
         return self._jit_noise_image_embeddings(params, image_embeds, noise, int(noise_level))
 
-    @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("do_cfg", "callback", "callback_steps", "eta"))
+    @functools.partial(jax.jit, static_argnums=(0,),
+                       static_argnames=("do_cfg", "callback", "callback_steps", "eta", "progress"))
     def _denoise(self, params, state, latents, prompt_embeds, class_labels, guidance_scale, key, step_noise, *,
-                 do_cfg, callback, callback_steps, eta):
+                 do_cfg, callback, callback_steps, eta, progress):
         unet_params = params["unet"]
 
         def model_fn(x, t):
@@ -110,7 +112,8 @@ class _UnCLIPDecoder(PipelineBase):
             return guide(out, guidance_scale) if do_cfg else out
 
         latents = sampling_loop(model_fn, self.scheduler, state, latents, key, step_noise,
-                                 step_kwargs(self.scheduler, eta), callback, callback_steps, self.scheduler.order)
+                                 step_kwargs(self.scheduler, eta), callback, callback_steps, self.scheduler.order,
+                                 progress="denoising" if progress else None)
         return latents
 
     @functools.partial(jax.jit, static_argnums=(0,))
@@ -119,7 +122,8 @@ class _UnCLIPDecoder(PipelineBase):
         return self.vae.apply({"params": params["vae"]}, latents / scale, method="decode")
 
     def _run_decoder(self, params, key, *, batch, prompt_embeds, image_embeds, height, width, num_inference_steps,
-                     guidance_scale, eta, latents, step_noise, output_type, return_dict, callback, callback_steps):
+                     guidance_scale, eta, latents, step_noise, output_type, return_dict, callback, callback_steps,
+                     progress_bar):
         do_cfg = guidance_scale > 1.0
         k_latents, k_steps = jax.random.split(key)
         if do_cfg:
@@ -135,7 +139,7 @@ class _UnCLIPDecoder(PipelineBase):
         step_noise = check_random_input(step_noise, (n,) + shape, "step_noise")
         latents = self._denoise(params, state, latents, prompt_embeds, image_embeds, jnp.float32(guidance_scale),
                                 k_steps, step_noise, do_cfg=do_cfg, callback=callback,
-                                callback_steps=callback_steps, eta=float(eta))
+                                callback_steps=callback_steps, eta=float(eta), progress=want_progress(progress_bar))
         images = latents if output_type == "latent" else self._decode(params, latents)
         images = postprocess(images, output_type)
         return ImagePipelineOutput(images) if return_dict else (images,)
@@ -156,9 +160,10 @@ class StableUnCLIPPipeline(_UnCLIPDecoder):
 
     COMPONENTS = ("prior_tokenizer", "prior_text_encoder", "prior", "prior_scheduler") + DECODER_COMPONENTS
 
-    @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("do_cfg", "callback", "callback_steps"))
+    @functools.partial(jax.jit, static_argnums=(0,),
+                       static_argnames=("do_cfg", "callback", "callback_steps", "progress"))
     def _prior_sample(self, params, state, latents, proj, hidden, mask, guidance_scale, key, step_noise, *,
-                      do_cfg, callback, callback_steps):
+                      do_cfg, callback, callback_steps, progress):
         prior_params = params["prior"]
 
         def model_fn(x, t):
@@ -167,7 +172,7 @@ class StableUnCLIPPipeline(_UnCLIPDecoder):
             return guide(out, guidance_scale) if do_cfg else out
 
         latents = sampling_loop(model_fn, self.prior_scheduler, state, latents, key, step_noise, {}, callback,
-                                 callback_steps, 1)
+                                callback_steps, 1, progress="prior" if progress else None)
         return self.prior.apply({"params": prior_params}, latents, method="post_process_latents")
 
     @functools.partial(jax.jit, static_argnums=(0,))
@@ -203,13 +208,15 @@ class StableUnCLIPPipeline(_UnCLIPDecoder):
         image_embeds_noise=None,
         prior_step_noise=None,
         step_noise=None,
+        progress_bar: bool | None = None,
         mesh=None,
     ):
         """Generates images from `prompt` (see diffusers' StableUnCLIPPipeline for the arguments).
 
         Beyond diffusers: `key` (a `jax.random.key`, the only source of randomness), `image_embeds_noise`
         [B, D] (the noise `noise_level` mixes into the image embedding), `prior_step_noise`
-        [prior_steps, B, D] and `step_noise` [steps, B, h, w, C] (the schedulers' per-step noise).
+        [prior_steps, B, D] and `step_noise` [steps, B, h, w, C] (the schedulers' per-step noise);
+        `progress_bar` (default: when stderr is a terminal) shows the steps of each compiled loop.
         `prompt` is needed: the prior reads it (as in diffusers, where `prompt_embeds` only feeds the decoder).
         """
         if mesh is not None:
@@ -254,7 +261,8 @@ class StableUnCLIPPipeline(_UnCLIPDecoder):
         prior_step_noise = check_random_input(prior_step_noise, (n_prior, batch, dim), "prior_step_noise")
         image_embeds = self._prior_sample(params, pstate, prior_latents, proj, hidden, mask,
                                           jnp.float32(prior_guidance_scale), k_prior_steps, prior_step_noise,
-                                          do_cfg=prior_cfg, callback=callback, callback_steps=callback_steps)
+                                          do_cfg=prior_cfg, callback=callback, callback_steps=callback_steps,
+                                          progress=want_progress(progress_bar))
 
         do_cfg = guidance_scale > 1.0
         text = self._prompt_embeds(params, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
@@ -265,7 +273,7 @@ class StableUnCLIPPipeline(_UnCLIPDecoder):
             params, k_decoder, batch=batch, prompt_embeds=text, image_embeds=image_embeds, height=height,
             width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
             latents=latents, step_noise=step_noise, output_type=output_type, return_dict=return_dict,
-            callback=callback, callback_steps=callback_steps,
+            callback=callback, callback_steps=callback_steps, progress_bar=progress_bar,
         )
 
 
@@ -308,6 +316,7 @@ class StableUnCLIPImg2ImgPipeline(_UnCLIPDecoder):
         clip_skip: int | None = None,
         image_embeds_noise=None,
         step_noise=None,
+        progress_bar: bool | None = None,
         mesh=None,
     ):
         """Variations of `image` (or of given CLIP `image_embeds` [B, D]), guided by `prompt`.
@@ -358,5 +367,5 @@ class StableUnCLIPImg2ImgPipeline(_UnCLIPDecoder):
             params, k_decoder, batch=batch, prompt_embeds=text, image_embeds=image_embeds, height=height,
             width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
             latents=latents, step_noise=step_noise, output_type=output_type, return_dict=return_dict,
-            callback=callback, callback_steps=callback_steps,
+            callback=callback, callback_steps=callback_steps, progress_bar=progress_bar,
         )
