@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_schedulers_a import SHAPE_4D, TOL, assert_step_close, fake_model, from_ref, to_ref
+from test_schedulers_a import (
+    QUIET_REFERENCE, SHAPE_4D, TOL, assert_step_close, fake_model, from_ref, reference, to_ref,
+)
 from torch_ref import assert_close
 
 from unclip_jax.schedulers.ddim import DDIMScheduler
@@ -27,6 +29,7 @@ from unclip_jax.schedulers.lms_discrete import LMSDiscreteScheduler
 from unclip_jax.schedulers.pndm import PNDMScheduler
 from unclip_jax.schedulers.unclip import UnCLIPScheduler
 
+pytestmark = QUIET_REFERENCE
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 N = 11
 BF16_TOL = 1e-2  # bf16 model outputs (8-bit mantissa) vs fp32, relative to the final scale (measured <= 1.4e-3)
@@ -98,7 +101,7 @@ def diffusers_loop(ref, x, draws, options, monkeypatch):
 
 def _setup(name):
     ours_cls, ref_cls, cfg, options = CASES[name]
-    ours, ref = ours_cls.from_config(cfg), ref_cls(**cfg)
+    ours, ref = ours_cls.from_config(cfg), reference(ref_cls, **cfg)
     state = ours.set_timesteps(ours.create_state(), N, shape=SHAPE_4D)
     ref.set_timesteps(N)
     x = (np.random.default_rng(7).standard_normal(SHAPE_4D) * float(ref.init_noise_sigma)).astype(np.float32)

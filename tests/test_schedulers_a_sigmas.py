@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from test_schedulers_a import SHAPE_2D, SHAPE_4D, TOL, from_ref, run_trajectory, to_ref
+from test_schedulers_a import (
+    QUIET_REFERENCE, SHAPE_2D, SHAPE_4D, TOL, from_ref, reference, run_trajectory, to_ref,
+)
 from torch_ref import assert_close
 
 from unclip_jax.schedulers.edm_euler import EDMEulerScheduler
@@ -19,6 +21,7 @@ from unclip_jax.schedulers.k_dpm_2_ancestral_discrete import KDPM2AncestralDiscr
 from unclip_jax.schedulers.k_dpm_2_discrete import KDPM2DiscreteScheduler
 from unclip_jax.schedulers.lms_discrete import LMSDiscreteScheduler
 
+pytestmark = QUIET_REFERENCE
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 STEPS = (1, 11)
 
@@ -88,7 +91,7 @@ CASES = {
 
 def make(case):
     ours_cls, ref_cls, cfg, stochastic = CASES[case]
-    return ours_cls.from_config(cfg), ref_cls(**cfg), stochastic
+    return ours_cls.from_config(cfg), reference(ref_cls, **cfg), stochastic
 
 
 @pytest.mark.parametrize("n", STEPS)

@@ -7,24 +7,13 @@ traced timestep, so it needs no step counter.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from unclip_jax.schedulers import _multistep as ms
 from unclip_jax.schedulers import common
-
-
-def train_alphas_cumprod(config: Any) -> np.ndarray:
-    """alpha_bar of the training schedule, float32 [T], as diffusers' DDIM/DDPM tables: with zero terminal
-    SNR the last entry is exactly 0 (the sigma schedulers instead keep it at 2**-24)."""
-    ac = ms.schedule_alphas_cumprod(config)
-    if getattr(config, "rescale_betas_zero_snr", False):
-        ac[-1] = 0.0
-    return ac
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,19 +53,13 @@ class DDIMState:
 
 
 @dataclasses.dataclass(frozen=True)
-class DDIMScheduler:
+class DDIMScheduler(common.Scheduler):
     config: DDIMConfig = DDIMConfig()
     order: ClassVar[int] = 1
 
-    @classmethod
-    def from_config(cls, config: dict | DDIMConfig | None = None, **overrides: Any) -> DDIMScheduler:
-        if isinstance(config, DDIMConfig):
-            return cls(dataclasses.replace(config, **overrides))
-        return cls(common.config_from_dict(DDIMConfig, config, **overrides))
-
     def create_state(self, shape=None) -> DDIMState:
         c = self.config
-        ac = train_alphas_cumprod(c)
+        ac = common.train_alphas_cumprod(c)
         return DDIMState(
             alphas_cumprod=jnp.asarray(ac),
             final_alpha_cumprod=jnp.asarray(1.0 if c.set_alpha_to_one else ac[0], jnp.float32),
@@ -88,11 +71,8 @@ class DDIMScheduler:
     def set_timesteps(self, state: DDIMState, num_inference_steps: int, shape=None) -> DDIMState:
         """`shape` is accepted like the multistep schedulers' (which size their history with it); unused here."""
         c = self.config
-        if num_inference_steps > c.num_train_timesteps:
-            raise ValueError(f"num_inference_steps {num_inference_steps} > num_train_timesteps {c.num_train_timesteps}")
-        ts = common.inference_timesteps(c.timestep_spacing, c.num_train_timesteps, num_inference_steps, c.steps_offset)
         return state.replace(
-            timesteps=jnp.asarray(ts.astype(np.int64), jnp.int32),
+            timesteps=jnp.asarray(common.integer_timesteps(c, num_inference_steps)),
             step_ratio=jnp.asarray(c.num_train_timesteps // num_inference_steps, jnp.int32),
         )
 
@@ -130,8 +110,8 @@ class DDIMScheduler:
         out = model_output.astype(jnp.float32)
         abar_t, abar_prev = self._alphas(state, timestep)
         alpha, sigma = jnp.sqrt(abar_t), jnp.sqrt(1 - abar_t)
-        x0 = ms.data_prediction(c.prediction_type, out, x, alpha, sigma)
-        eps = ms.noise_prediction(c.prediction_type, out, x, alpha, sigma)
+        x0 = common.data_prediction(c.prediction_type, out, x, alpha, sigma)
+        eps = common.noise_prediction(c.prediction_type, out, x, alpha, sigma)
         x0 = common.limit_pred_original(x0, c)
         # sigma_t(eta)^2 = eta^2 (1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev), eq. 16.
         variance = ((1 - abar_prev) / (1 - abar_t)) * (1 - abar_t / abar_prev)
@@ -140,7 +120,7 @@ class DDIMScheduler:
             eps = (x - alpha * x0) / sigma
         prev = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(1 - abar_prev - std**2) * eps
         if not (isinstance(eta, (int, float)) and eta == 0):
-            prev = prev + std * ms.gaussian(key, noise, x.shape, "DDIM with eta > 0")
+            prev = prev + std * common.gaussian(key, noise, x.shape, "DDIM with eta > 0")
         return common.SchedulerOutput(prev_sample=prev.astype(sample.dtype), state=state,
                                       pred_original_sample=x0.astype(sample.dtype))
 

@@ -4,16 +4,13 @@ parameterisation of Nichol & Dhariwal 2021 (`learned_range`)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from unclip_jax.schedulers import _multistep as ms
 from unclip_jax.schedulers import common
-from unclip_jax.schedulers.ddim import train_alphas_cumprod
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 
@@ -56,34 +53,14 @@ class DDPMState:
     init_noise_sigma: jax.Array  # []
 
 
-def split_learned_variance(model_output: jax.Array, sample: jax.Array, variance_type: str):
-    """(eps-or-x0 prediction, predicted variance or None). A learned-variance model returns twice the
-    sample's channels; channels are the last axis here (diffusers splits dim 1 of NCHW)."""
-    if variance_type in ("learned", "learned_range") and model_output.shape[-1] == 2 * sample.shape[-1]:
-        return model_output[..., : sample.shape[-1]], model_output[..., sample.shape[-1]:]
-    return model_output, None
-
-
 @dataclasses.dataclass(frozen=True)
-class DDPMScheduler:
+class DDPMScheduler(common.Scheduler):
     config: DDPMConfig = DDPMConfig()
     order: ClassVar[int] = 1
 
-    @classmethod
-    def from_config(cls, config: dict | DDPMConfig | None = None, **overrides: Any) -> DDPMScheduler:
-        if isinstance(config, DDPMConfig):
-            return cls(dataclasses.replace(config, **overrides))
-        return cls(common.config_from_dict(DDPMConfig, config, **overrides))
-
     def create_state(self, shape=None) -> DDPMState:
         c = self.config
-        if c.beta_schedule == "laplace" and c.trained_betas is None:
-            betas = common.alpha_bar_betas(c.num_train_timesteps, transform="laplace")
-            if c.rescale_betas_zero_snr:
-                betas = common.rescale_zero_terminal_snr(betas)
-            ac = common.torch_alphas_cumprod(betas)
-        else:
-            ac = train_alphas_cumprod(c)
+        ac = common.train_alphas_cumprod(c)
         return DDPMState(
             alphas_cumprod=jnp.asarray(ac),
             timesteps=jnp.arange(c.num_train_timesteps - 1, -1, -1, dtype=jnp.int32),
@@ -92,11 +69,7 @@ class DDPMScheduler:
 
     def set_timesteps(self, state: DDPMState, num_inference_steps: int, shape=None) -> DDPMState:
         """`shape` is accepted like the multistep schedulers' (which size their history with it); unused here."""
-        c = self.config
-        if num_inference_steps > c.num_train_timesteps:
-            raise ValueError(f"num_inference_steps {num_inference_steps} > num_train_timesteps {c.num_train_timesteps}")
-        ts = common.inference_timesteps(c.timestep_spacing, c.num_train_timesteps, num_inference_steps, c.steps_offset)
-        return state.replace(timesteps=jnp.asarray(ts.astype(np.int64), jnp.int32))
+        return state.replace(timesteps=jnp.asarray(common.integer_timesteps(self.config, num_inference_steps)))
 
     def set_begin_index(self, state: DDPMState, begin_index: int = 0) -> DDPMState:
         """A no-op: DDPM finds its place from the timestep alone (diffusers has no begin index here)."""
@@ -112,23 +85,6 @@ class DDPMScheduler:
         n = state.timesteps.shape[0]
         return jnp.where(i + 1 < n, state.timesteps[jnp.minimum(i + 1, n - 1)], -1)
 
-    def _variance(self, abar_t, abar_prev, predicted_variance):
-        beta_t = 1 - abar_t / abar_prev
-        # Posterior variance beta~_t (Ho et al. 2020, eq. 7), floored so its log stays finite at t = 0.
-        small = jnp.maximum((1 - abar_prev) / (1 - abar_t) * beta_t, 1e-20)
-        vt = self.config.variance_type
-        if vt == "fixed_small":
-            return jnp.sqrt(small)
-        if vt == "fixed_small_log":
-            return jnp.exp(0.5 * jnp.log(small))
-        if vt == "fixed_large":
-            return jnp.sqrt(beta_t)
-        if vt == "learned":
-            return jnp.sqrt(predicted_variance)
-        # learned_range: interpolate log-variance between beta~_t and beta_t (Nichol & Dhariwal, eq. 15).
-        frac = (predicted_variance + 1) / 2
-        return jnp.exp(0.5 * (frac * jnp.log(beta_t) + (1 - frac) * jnp.log(small)))
-
     def step(
         self,
         state: DDPMState,
@@ -143,25 +99,18 @@ class DDPMScheduler:
         `key` or `noise` is always needed (the traced t is not known at trace time)."""
         c = self.config
         x = sample.astype(jnp.float32)
-        out, predicted_variance = split_learned_variance(model_output.astype(jnp.float32), x, c.variance_type)
-        if c.variance_type == "learned" and predicted_variance is None:
-            raise ValueError("variance_type 'learned' needs a model output with twice the sample's channels")
+        out, predicted_variance = common.split_learned_variance(model_output.astype(jnp.float32), x, c.variance_type)
         t = jnp.asarray(timestep, jnp.int32)
         prev_t = self.previous_timestep(state, t)
         abar_t = state.alphas_cumprod[t]
         abar_prev = jnp.where(prev_t >= 0, state.alphas_cumprod[jnp.maximum(prev_t, 0)], 1.0)
         alpha_t = abar_t / abar_prev
         beta_t = 1 - alpha_t
-        x0 = ms.data_prediction(c.prediction_type, out, x, jnp.sqrt(abar_t), jnp.sqrt(1 - abar_t))
+        x0 = common.data_prediction(c.prediction_type, out, x, jnp.sqrt(abar_t), jnp.sqrt(1 - abar_t))
         x0 = common.limit_pred_original(x0, c)
-        # Posterior mean mu~_t(x_t, x_0), Ho et al. 2020 eq. 7.
-        mean = ((jnp.sqrt(abar_prev) * beta_t / (1 - abar_t)) * x0
-                + (jnp.sqrt(alpha_t) * (1 - abar_prev) / (1 - abar_t)) * x)
-        if c.variance_type == "learned_range" and predicted_variance is None:
-            # diffusers would fail here too: learned_range needs the variance channels.
-            raise ValueError("variance_type 'learned_range' needs a model output with twice the sample's channels")
-        std = self._variance(abar_t, abar_prev, predicted_variance)
-        z = ms.gaussian(key, noise, x.shape, "DDPM")
+        mean, std = common.ancestral_posterior(x0, x, abar_t, abar_prev, alpha_t, beta_t, c.variance_type,
+                                               predicted_variance)
+        z = common.gaussian(key, noise, x.shape, "DDPM")
         prev = mean + jnp.where(t > 0, std * z, 0.0)
         return common.SchedulerOutput(prev_sample=prev.astype(sample.dtype), state=state,
                                       pred_original_sample=x0.astype(sample.dtype))

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.schedulers import _multistep as ms
 from unclip_jax.schedulers import common
 
 
@@ -55,23 +53,10 @@ class DEISMultistepConfig:
             raise common.SchedulerConfigError(f"solver_type {self.solver_type!r} is not supported")
         if self.solver_order not in (1, 2, 3):
             raise common.SchedulerConfigError(f"solver_order {self.solver_order} is not supported (1, 2 or 3)")
-        if sum([self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas]) > 1:
-            raise common.SchedulerConfigError("only one of use_karras/exponential/beta_sigmas may be set")
-        ms.check_unsupported(self, "DEISMultistepScheduler")
+        common.check_unsupported(self, "DEISMultistepScheduler")
 
 
-@flax.struct.dataclass
-class DEISMultistepState:
-    """As `DPMSolverMultistepState`: model_outputs [order, ...] holds the last noise predictions."""
-
-    timesteps: jax.Array
-    sigmas: jax.Array
-    alphas_cumprod: jax.Array
-    init_noise_sigma: jax.Array
-    model_outputs: jax.Array
-    lower_order_nums: jax.Array
-    step_index: jax.Array
-    begin_index: jax.Array
+DEISMultistepState = common.MultistepState
 
 
 def _lagrange_integral_2(t, b, c):
@@ -87,45 +72,30 @@ def _lagrange_integral_3(t, b, c, d):
 
 
 @dataclasses.dataclass(frozen=True)
-class DEISMultistepScheduler:
+class DEISMultistepScheduler(common.Scheduler):
     config: DEISMultistepConfig = DEISMultistepConfig()
 
     order = 1
 
-    @classmethod
-    def from_config(cls, config=None, **overrides) -> "DEISMultistepScheduler":
-        if isinstance(config, DEISMultistepConfig):
-            return cls(dataclasses.replace(config, **overrides))
-        return cls(common.config_from_dict(DEISMultistepConfig, config, **overrides))
-
     def _state(self, timesteps, sigmas, shape) -> DEISMultistepState:
-        ac = ms.schedule_alphas_cumprod(self.config)
-        return DEISMultistepState(
-            timesteps=jnp.asarray(timesteps, jnp.int32),
-            sigmas=jnp.asarray(sigmas, jnp.float32),
-            alphas_cumprod=jnp.asarray(ac),
-            init_noise_sigma=jnp.float32(1.0),
-            model_outputs=jnp.zeros(ms.history_shape(self.config.solver_order, shape), jnp.float32),
-            lower_order_nums=jnp.int32(0),
-            step_index=jnp.int32(-1),
-            begin_index=jnp.int32(-1),
-        )
+        ac = common.train_alphas_cumprod(self.config)
+        return common.multistep_state(timesteps, sigmas, ac, self.config.solver_order, shape)
 
     def create_state(self, shape=None) -> DEISMultistepState:
-        ac = ms.schedule_alphas_cumprod(self.config)
+        ac = common.train_alphas_cumprod(self.config)
         t = self.config.num_train_timesteps
-        return self._state(np.arange(t - 1, -1, -1), ms.train_sigmas(ac), shape)
+        return self._state(np.arange(t - 1, -1, -1), common.train_sigmas(ac), shape)
 
     def schedule(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """(timesteps int64 [N], sigmas float32 [N + 1]) as diffusers' `set_timesteps` builds them."""
         cfg, n = self.config, num_inference_steps
-        ac = ms.schedule_alphas_cumprod(cfg)
-        timesteps = ms.spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset)
-        sig = ms.train_sigmas(ac)
+        ac = common.train_alphas_cumprod(cfg)
+        timesteps = common.spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset)
+        sig = common.train_sigmas(ac)
         log_sig = np.log(sig)
-        kind = ms.sigma_kind(cfg)
+        kind = common.sigma_kind(cfg)
         if kind is not None:
-            sigmas = ms.respaced_sigmas(kind, np.flip(sig), n)
+            sigmas = common.respaced_sigmas(kind, np.flip(sig), n)
             timesteps = common.sigma_to_t(sigmas, log_sig)
             if kind == "karras":
                 timesteps = timesteps.round()
@@ -141,37 +111,28 @@ class DEISMultistepScheduler:
         timesteps, sigmas = self.schedule(num_inference_steps)
         return self._state(timesteps, sigmas, shape)
 
-    def set_begin_index(self, state, begin_index: int = 0) -> DEISMultistepState:
-        return state.replace(begin_index=jnp.int32(begin_index))
-
     def scale_model_input(self, state, sample, timestep=None):
         return sample
 
     def step(self, state, model_output, timestep, sample, *, key=None, noise=None) -> common.SchedulerOutput:
         cfg = self.config
         n = state.timesteps.shape[0]
-        i = ms.current_step_index(state, timestep)
-        sig = lambda k: ms.sigma_at(state.sigmas, k)  # noqa: E731
-        a_t, s_t = ms.alpha_sigma(sig(i + 1))
-        a0, s0 = ms.alpha_sigma(sig(i))
-        a1, s1 = ms.alpha_sigma(sig(i - 1))
-        a2, s2 = ms.alpha_sigma(sig(i - 2))
+        i = common.current_step_index(state, timestep)
+        sig = lambda k: common.sigma_at(state.sigmas, k)  # noqa: E731
+        a_t, s_t = common.alpha_sigma(sig(i + 1))
+        a0, s0 = common.alpha_sigma(sig(i))
+        a1, s1 = common.alpha_sigma(sig(i - 1))
+        a2, s2 = common.alpha_sigma(sig(i - 2))
         x = sample.astype(jnp.float32)
-        x0 = ms.data_prediction(cfg.prediction_type, model_output.astype(jnp.float32), x, a0, s0)
+        x0 = common.data_prediction(cfg.prediction_type, model_output.astype(jnp.float32), x, a0, s0)
         if cfg.thresholding:
             x0 = common.threshold_sample(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
         eps = (x - a0 * x0) / s0
-        history = ms.push(ms.history_for(state.model_outputs, x), eps)
+        history = common.push(common.history_for(state.model_outputs, x), eps)
 
-        small = cfg.lower_order_final and n < 15
-        lower_final = (i == n - 1) & small
-        lower_second = (i == n - 2) & small
         lon = state.lower_order_nums
         p = cfg.solver_order
-        if p == 1:
-            order = jnp.int32(1)
-        else:
-            order = jnp.where((lon < 1) | lower_final, 1, jnp.where((p == 2) | (lon < 2) | lower_second, 2, 3))
+        order = common.multistep_order(p, lon, i, n, cfg.lower_order_final)
 
         # x_t = alpha_t (x_s / alpha_s + sum_j c_j eps_j), c_j the integral of the j-th Lagrange basis
         # over rho in [rho_s0, rho_t] (Zhang & Chen 2023, eq. 14); first order is DDIM. Near sigma ~ 1e4
@@ -179,7 +140,7 @@ class DEISMultistepScheduler:
         # diffusers' grouping to stay within fp32 rounding of it.
         r_t, r0, r1, r2 = s_t / a_t, s0 / a0, s1 / a1, s2 / a2
         zero = jnp.zeros_like(r_t)
-        h = ms.log_snr(a_t, s_t) - ms.log_snr(a0, s0)
+        h = common.log_snr(a_t, s_t) - common.log_snr(a0, s0)
         first = (a_t / a0) * x - (s_t * (jnp.exp(h) - 1.0)) * history[-1]
         if p == 1:
             prev = first
@@ -204,4 +165,4 @@ class DEISMultistepScheduler:
                                       pred_original_sample=x0.astype(sample.dtype))
 
     def add_noise(self, state, original, noise, timesteps):
-        return ms.add_noise_vp(state, original, noise, timesteps)
+        return common.add_noise_vp(state, original, noise, timesteps)

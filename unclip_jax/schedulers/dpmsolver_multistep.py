@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.schedulers import _multistep as ms
 from unclip_jax.schedulers import common
 
 
@@ -71,73 +69,43 @@ class DPMSolverMultistepConfig:
                 f"final_sigmas_type 'zero' needs a data-prediction algorithm, not {self.algorithm_type!r}")
         if self.final_sigmas_type not in ("zero", "sigma_min"):
             raise common.SchedulerConfigError(f"final_sigmas_type {self.final_sigmas_type!r} is not supported")
-        if sum([self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas]) > 1:
-            raise common.SchedulerConfigError("only one of use_karras/exponential/beta_sigmas may be set")
-        ms.check_unsupported(self, "DPMSolverMultistepScheduler")
+        common.check_unsupported(self, "DPMSolverMultistepScheduler")
 
 
-@flax.struct.dataclass
-class DPMSolverMultistepState:
-    """timesteps [N] int32; sigmas [N + 1] (the last one ends the last step); model_outputs [order, ...]
-    the converted outputs of the last `solver_order` steps, newest last; lower_order_nums: how many of
-    them are real (the solver warms up through the lower orders); step_index / begin_index: -1 = unset."""
-
-    timesteps: jax.Array
-    sigmas: jax.Array
-    alphas_cumprod: jax.Array
-    init_noise_sigma: jax.Array
-    model_outputs: jax.Array
-    lower_order_nums: jax.Array
-    step_index: jax.Array
-    begin_index: jax.Array
+DPMSolverMultistepState = common.MultistepState
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverMultistepScheduler:
+class DPMSolverMultistepScheduler(common.Scheduler):
     config: DPMSolverMultistepConfig = DPMSolverMultistepConfig()
 
     order = 1
 
-    @classmethod
-    def from_config(cls, config=None, **overrides) -> "DPMSolverMultistepScheduler":
-        if isinstance(config, DPMSolverMultistepConfig):
-            return cls(dataclasses.replace(config, **overrides))
-        return cls(common.config_from_dict(DPMSolverMultistepConfig, config, **overrides))
-
     def _state(self, timesteps, sigmas, shape) -> DPMSolverMultistepState:
-        ac = ms.schedule_alphas_cumprod(self.config)
-        return DPMSolverMultistepState(
-            timesteps=jnp.asarray(timesteps, jnp.int32),
-            sigmas=jnp.asarray(sigmas, jnp.float32),
-            alphas_cumprod=jnp.asarray(ac),
-            init_noise_sigma=jnp.float32(1.0),
-            model_outputs=jnp.zeros(ms.history_shape(self.config.solver_order, shape), jnp.float32),
-            lower_order_nums=jnp.int32(0),
-            step_index=jnp.int32(-1),
-            begin_index=jnp.int32(-1),
-        )
+        ac = common.train_alphas_cumprod(self.config, zero_snr_last=common.ZERO_SNR_SIGMA_ABAR)
+        return common.multistep_state(timesteps, sigmas, ac, self.config.solver_order, shape)
 
     def create_state(self, shape=None) -> DPMSolverMultistepState:
-        ac = ms.schedule_alphas_cumprod(self.config)
+        ac = common.train_alphas_cumprod(self.config, zero_snr_last=common.ZERO_SNR_SIGMA_ABAR)
         t = self.config.num_train_timesteps
-        return self._state(np.arange(t - 1, -1, -1), ms.train_sigmas(ac), shape)
+        return self._state(np.arange(t - 1, -1, -1), common.train_sigmas(ac), shape)
 
     def schedule(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """(timesteps int64 [N], sigmas float32 [N + 1]) as diffusers' `set_timesteps` builds them."""
         cfg, n = self.config, num_inference_steps
-        ac = ms.schedule_alphas_cumprod(cfg)
-        lambdas = ms.train_lambdas(ac)
+        ac = common.train_alphas_cumprod(cfg, zero_snr_last=common.ZERO_SNR_SIGMA_ABAR)
+        lambdas = common.train_lambdas(ac)
         # lambda_min_clipped drops the noisiest timesteps whose log-SNR is below it (cosine schedules).
         clipped = int(np.searchsorted(np.flip(lambdas), cfg.lambda_min_clipped))
         last = cfg.num_train_timesteps - clipped
-        timesteps = ms.spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset, last)
-        sig = ms.train_sigmas(ac)
+        timesteps = common.spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset, last)
+        sig = common.train_sigmas(ac)
         log_sig = np.log(sig)
-        kind = ms.sigma_kind(cfg)
+        kind = common.sigma_kind(cfg)
         rounded = cfg.beta_schedule != "squaredcos_cap_v2"
         if kind == "karras" or cfg.use_lu_lambdas:
             if kind == "karras":
-                sigmas = ms.respaced_sigmas("karras", np.flip(sig), n)
+                sigmas = common.respaced_sigmas("karras", np.flip(sig), n)
             else:  # evenly spaced in log-sigma (Lu et al. 2023, "DPM-Solver-v3" / uniform logSNR)
                 ls = np.flip(log_sig)
                 sigmas = np.exp(float(ls[0]) + np.linspace(0, 1, n) * (float(ls[-1]) - float(ls[0])))
@@ -145,7 +113,7 @@ class DPMSolverMultistepScheduler:
             if rounded:
                 timesteps = timesteps.round()
         elif kind is not None:
-            sigmas = ms.respaced_sigmas(kind, np.flip(sig), n)
+            sigmas = common.respaced_sigmas(kind, np.flip(sig), n)
             timesteps = common.sigma_to_t(sigmas, log_sig)
         else:
             sigmas = np.interp(timesteps, np.arange(len(sig)), sig)
@@ -159,9 +127,6 @@ class DPMSolverMultistepScheduler:
         timesteps, sigmas = self.schedule(num_inference_steps)
         return self._state(timesteps, sigmas, shape)
 
-    def set_begin_index(self, state, begin_index: int = 0) -> DPMSolverMultistepState:
-        return state.replace(begin_index=jnp.int32(begin_index))
-
     def scale_model_input(self, state, sample, timestep=None):
         return sample
 
@@ -169,13 +134,13 @@ class DPMSolverMultistepScheduler:
         """The quantity the solver extrapolates: x_0 for the ++ (data-prediction) algorithms, eps otherwise."""
         cfg = self.config
         if cfg.prediction_type == "epsilon":
-            model_output = ms.learned_variance_mean(model_output, cfg.variance_type)
+            model_output = common.learned_variance_mean(model_output, cfg.variance_type)
         if cfg.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
-            x0 = ms.data_prediction(cfg.prediction_type, model_output, sample, alpha, sigma)
+            x0 = common.data_prediction(cfg.prediction_type, model_output, sample, alpha, sigma)
             if cfg.thresholding:
                 x0 = common.threshold_sample(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
             return x0, x0
-        eps = ms.noise_prediction(cfg.prediction_type, model_output, sample, alpha, sigma)
+        eps = common.noise_prediction(cfg.prediction_type, model_output, sample, alpha, sigma)
         x0 = (sample - sigma * eps) / alpha
         if cfg.thresholding:
             x0 = common.threshold_sample(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
@@ -231,30 +196,23 @@ class DPMSolverMultistepScheduler:
     def step(self, state, model_output, timestep, sample, *, key=None, noise=None) -> common.SchedulerOutput:
         cfg = self.config
         n = state.timesteps.shape[0]
-        i = ms.current_step_index(state, timestep)
-        sig = lambda k: ms.sigma_at(state.sigmas, k)  # noqa: E731
-        a_t, s_t = ms.alpha_sigma(sig(i + 1))
-        a0, s0 = ms.alpha_sigma(sig(i))
-        a1, s1 = ms.alpha_sigma(sig(i - 1))
-        a2, s2 = ms.alpha_sigma(sig(i - 2))
-        lam_t, lam0, lam1, lam2 = (ms.log_snr(a_t, s_t), ms.log_snr(a0, s0),
-                                   ms.log_snr(a1, s1), ms.log_snr(a2, s2))
+        i = common.current_step_index(state, timestep)
+        sig = lambda k: common.sigma_at(state.sigmas, k)  # noqa: E731
+        a_t, s_t = common.alpha_sigma(sig(i + 1))
+        a0, s0 = common.alpha_sigma(sig(i))
+        a1, s1 = common.alpha_sigma(sig(i - 1))
+        a2, s2 = common.alpha_sigma(sig(i - 2))
+        lam_t, lam0, lam1, lam2 = (common.log_snr(a_t, s_t), common.log_snr(a0, s0),
+                                   common.log_snr(a1, s1), common.log_snr(a2, s2))
         x = sample.astype(jnp.float32)
         m, x0 = self._convert(model_output.astype(jnp.float32), x, a0, s0)
-        history = ms.push(ms.history_for(state.model_outputs, x), m)
+        history = common.push(common.history_for(state.model_outputs, x), m)
 
-        # Lower orders at the end: few steps make the high-order extrapolation unstable, and a zero final
-        # sigma (lambda = inf) admits only the first-order update.
-        small = cfg.lower_order_final and n < 15
-        final_first = cfg.euler_at_final or small or cfg.final_sigmas_type == "zero"
-        lower_final = (i == n - 1) & final_first
-        lower_second = (i == n - 2) & small
         lon = state.lower_order_nums
         p = cfg.solver_order
-        if p == 1:
-            order = jnp.int32(1)
-        else:
-            order = jnp.where((lon < 1) | lower_final, 1, jnp.where((p == 2) | (lon < 2) | lower_second, 2, 3))
+        # A zero final sigma (lambda = inf) admits only the first-order update.
+        order = common.multistep_order(p, lon, i, n, cfg.lower_order_final,
+                                       final_first_order=cfg.euler_at_final or cfg.final_sigmas_type == "zero")
 
         weights = self._weights(p, lam_t - lam0, lam0 - lam1, lam1 - lam2, a_t, s_t, a0, s0)
         pick = lambda k: [w[k] for w in weights]  # noqa: E731
@@ -266,7 +224,7 @@ class DPMSolverMultistepScheduler:
         for j in range(p):
             prev = prev + ws[j] * history[p - 1 - j]
         if cfg.algorithm_type.startswith("sde-"):
-            prev = prev + cn * ms.gaussian(key, noise, x.shape, "an sde-dpmsolver step")
+            prev = prev + cn * common.gaussian(key, noise, x.shape, "an sde-dpmsolver step")
         state = state.replace(
             model_outputs=history,
             lower_order_nums=jnp.minimum(lon + 1, p).astype(jnp.int32),
@@ -276,4 +234,4 @@ class DPMSolverMultistepScheduler:
                                       pred_original_sample=x0.astype(sample.dtype))
 
     def add_noise(self, state, original, noise, timesteps):
-        return ms.add_noise_vp(state, original, noise, timesteps)
+        return common.add_noise_vp(state, original, noise, timesteps)

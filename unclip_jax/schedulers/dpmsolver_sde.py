@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.schedulers import _multistep as ms
 from unclip_jax.schedulers import common
 
 
@@ -47,9 +46,7 @@ class DPMSolverSDEConfig:
     def __post_init__(self):
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise common.SchedulerConfigError(f"prediction_type {self.prediction_type!r} is not supported")
-        if sum([self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas]) > 1:
-            raise common.SchedulerConfigError("only one of use_karras/exponential/beta_sigmas may be set")
-        ms.check_unsupported(self, "DPMSolverSDEScheduler")
+        common.check_unsupported(self, "DPMSolverSDEScheduler")
 
 
 @flax.struct.dataclass
@@ -71,31 +68,16 @@ class DPMSolverSDEState:
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverSDEScheduler:
+class DPMSolverSDEScheduler(common.Scheduler):
     config: DPMSolverSDEConfig = DPMSolverSDEConfig()
 
     order = 2
 
-    @classmethod
-    def from_config(cls, config=None, **overrides) -> "DPMSolverSDEScheduler":
-        if isinstance(config, DPMSolverSDEConfig):
-            return cls(dataclasses.replace(config, **overrides))
-        return cls(common.config_from_dict(DPMSolverSDEConfig, config, **overrides))
-
     def schedule(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """(timesteps float64 [2N - 1], sigmas float32 [2N]) as diffusers' `set_timesteps` builds them."""
         cfg, n = self.config, num_inference_steps
-        ac = ms.schedule_alphas_cumprod(cfg)
-        timesteps = common.inference_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n,
-                                               cfg.steps_offset, round_linspace=False)
-        sig = ms.train_sigmas(ac)
-        log_sig = np.log(sig)
-        sigmas = np.interp(timesteps, np.arange(len(sig)), sig)
-        kind = ms.sigma_kind(cfg)
-        if kind is not None:
-            # Respaced between the ends of the interpolated schedule, not of the training table.
-            sigmas = ms.respaced_sigmas(kind, sigmas, n)
-            timesteps = common.sigma_to_t(sigmas, log_sig)
+        ac = common.train_alphas_cumprod(cfg)
+        timesteps, sigmas, log_sig = common.discrete_sigmas(cfg, ac, n, timestep_dtype=np.float64)
         # The second evaluation of each interval sits at its midpoint in log sigma.
         log_mid = np.log(sigmas[:-1]) + np.diff(np.log(sigmas)) * 0.5
         mid_timesteps = common.sigma_to_t(np.exp(log_mid), log_sig)
@@ -107,14 +89,12 @@ class DPMSolverSDEScheduler:
 
     def _state(self, timesteps, sigmas, shape) -> DPMSolverSDEState:
         cfg = self.config
-        smax = np.float32(sigmas.max())
-        init = smax if cfg.timestep_spacing in ("linspace", "trailing") else (smax**2 + 1) ** np.float32(0.5)
-        zeros = jnp.zeros(ms.history_shape(1, shape)[1:], jnp.float32)
+        zeros = jnp.zeros(common.history_shape(1, shape)[1:], jnp.float32)
         return DPMSolverSDEState(
             timesteps=jnp.asarray(timesteps, jnp.float32),
             sigmas=jnp.asarray(sigmas, jnp.float32),
-            alphas_cumprod=jnp.asarray(ms.schedule_alphas_cumprod(cfg)),
-            init_noise_sigma=jnp.float32(init),
+            alphas_cumprod=jnp.asarray(common.train_alphas_cumprod(cfg)),
+            init_noise_sigma=jnp.asarray(common.init_noise_sigma_of(sigmas, cfg.timestep_spacing)),
             sample=zeros,
             mid_point_sigma=jnp.float32(0.0),
             brownian=zeros,
@@ -130,34 +110,28 @@ class DPMSolverSDEScheduler:
         """`shape`: the sample shape, which sizes the stored sample (needed before a `lax.fori_loop`)."""
         return self._state(*self.schedule(num_inference_steps), shape)
 
-    def set_begin_index(self, state, begin_index: int = 0) -> DPMSolverSDEState:
-        return state.replace(begin_index=jnp.int32(begin_index))
-
     def scale_model_input(self, state, sample, timestep):
         """x / sqrt(sigma^2 + 1): the VP-scaled input the model was trained on, at the interval start for a
         first evaluation and at the log-sigma midpoint for a second."""
-        i = ms.current_step_index(state, timestep)
-        sigma = jnp.where(state.in_second_step, state.mid_point_sigma, ms.sigma_at(state.sigmas, i))
-        return (sample / jnp.sqrt(sigma**2 + 1.0)).astype(sample.dtype)
+        i = common.current_step_index(state, timestep)
+        sigma = jnp.where(state.in_second_step, state.mid_point_sigma, common.sigma_at(state.sigmas, i))
+        return common.scale_by_sigma(sample, sigma)
 
     def step(self, state, model_output, timestep, sample, *, key=None, noise=None,
              s_noise: float = 1.0) -> common.SchedulerOutput:
         """`noise`: the standard-normal draw diffusers' Brownian sampler would return for this step
         (ignored by the final Euler step); otherwise drawn from `key` (see the module docstring)."""
         cfg = self.config
-        i = ms.current_step_index(state, timestep)
+        i = common.current_step_index(state, timestep)
         second = state.in_second_step
         x = sample.astype(jnp.float32)
         eps_or_v = model_output.astype(jnp.float32)
-        sigma = jnp.where(second, ms.sigma_at(state.sigmas, i - 1), ms.sigma_at(state.sigmas, i))
-        sigma_next = jnp.where(second, ms.sigma_at(state.sigmas, i), ms.sigma_at(state.sigmas, i + 1))
+        sigma = jnp.where(second, common.sigma_at(state.sigmas, i - 1), common.sigma_at(state.sigmas, i))
+        sigma_next = jnp.where(second, common.sigma_at(state.sigmas, i), common.sigma_at(state.sigmas, i + 1))
         t, t_next = -jnp.log(sigma), -jnp.log(sigma_next)
         t_mid = t + (t_next - t) * 0.5
         sigma_in = jnp.where(second, jnp.exp(-t_mid), sigma)
-        if cfg.prediction_type == "epsilon":
-            x0 = x - sigma_in * eps_or_v
-        else:
-            x0 = eps_or_v * (-sigma_in / jnp.sqrt(sigma_in**2 + 1)) + x / (sigma_in**2 + 1)
+        x0 = common.denoised(cfg.prediction_type, eps_or_v, x, sigma_in)
 
         # The last interval ends at sigma = 0: one Euler step of the probability-flow ODE.
         last = sigma_next == 0
@@ -201,6 +175,4 @@ class DPMSolverSDEScheduler:
                                       pred_original_sample=x0.astype(sample.dtype))
 
     def add_noise(self, state, original, noise, timesteps):
-        """x_0 + sigma eps (variance exploding)."""
-        sigma = common.broadcast_to_sample(state.sigmas[ms.noise_indices(state, timesteps)], original)
-        return (original + noise * sigma).astype(original.dtype)
+        return common.add_sigma_noise(state, original, noise, timesteps)

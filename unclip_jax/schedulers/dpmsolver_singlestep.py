@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.schedulers import _multistep as ms
 from unclip_jax.schedulers import common
 
 
@@ -64,9 +63,7 @@ class DPMSolverSinglestepConfig:
             raise common.SchedulerConfigError("thresholding is not supported with algorithm_type 'dpmsolver'")
         if self.final_sigmas_type not in ("zero", "sigma_min"):
             raise common.SchedulerConfigError(f"final_sigmas_type {self.final_sigmas_type!r} is not supported")
-        if sum([self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas]) > 1:
-            raise common.SchedulerConfigError("only one of use_karras/exponential/beta_sigmas may be set")
-        ms.check_unsupported(self, "DPMSolverSinglestepScheduler")
+        common.check_unsupported(self, "DPMSolverSinglestepScheduler")
 
 
 @flax.struct.dataclass
@@ -107,51 +104,45 @@ def order_list(num_steps: int, solver_order: int, lower_order_final: bool, final
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverSinglestepScheduler:
+class DPMSolverSinglestepScheduler(common.Scheduler):
     config: DPMSolverSinglestepConfig = DPMSolverSinglestepConfig()
 
     order = 1
 
-    @classmethod
-    def from_config(cls, config=None, **overrides) -> "DPMSolverSinglestepScheduler":
-        if isinstance(config, DPMSolverSinglestepConfig):
-            return cls(dataclasses.replace(config, **overrides))
-        return cls(common.config_from_dict(DPMSolverSinglestepConfig, config, **overrides))
-
     def _state(self, timesteps, sigmas, orders, shape) -> DPMSolverSinglestepState:
-        ac = ms.schedule_alphas_cumprod(self.config)
+        ac = common.train_alphas_cumprod(self.config)
         return DPMSolverSinglestepState(
             timesteps=jnp.asarray(timesteps, jnp.int32),
             sigmas=jnp.asarray(sigmas, jnp.float32),
             alphas_cumprod=jnp.asarray(ac),
             init_noise_sigma=jnp.float32(1.0),
             order_list=jnp.asarray(orders, jnp.int32),
-            model_outputs=jnp.zeros(ms.history_shape(self.config.solver_order, shape), jnp.float32),
+            model_outputs=jnp.zeros(common.history_shape(self.config.solver_order, shape), jnp.float32),
             num_outputs=jnp.int32(0),
-            sample=jnp.zeros(ms.history_shape(1, shape)[1:], jnp.float32),
+            sample=jnp.zeros(common.history_shape(1, shape)[1:], jnp.float32),
             step_index=jnp.int32(-1),
             begin_index=jnp.int32(-1),
         )
 
     def create_state(self, shape=None) -> DPMSolverSinglestepState:
         cfg = self.config
-        ac = ms.schedule_alphas_cumprod(cfg)
+        ac = common.train_alphas_cumprod(cfg)
         t = cfg.num_train_timesteps
         orders = order_list(t, cfg.solver_order, cfg.lower_order_final, cfg.final_sigmas_type == "zero")
-        return self._state(np.arange(t - 1, -1, -1), ms.train_sigmas(ac), orders, shape)
+        return self._state(np.arange(t - 1, -1, -1), common.train_sigmas(ac), orders, shape)
 
     def schedule(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """(timesteps int64 [N], sigmas float32 [N + 1], order of each step) as diffusers builds them."""
         cfg, n = self.config, num_inference_steps
-        ac = ms.schedule_alphas_cumprod(cfg)
-        clipped = int(np.searchsorted(np.flip(ms.train_lambdas(ac)), cfg.lambda_min_clipped))
-        timesteps = ms.spaced_timesteps("linspace", cfg.num_train_timesteps, n,
+        ac = common.train_alphas_cumprod(cfg)
+        clipped = int(np.searchsorted(np.flip(common.train_lambdas(ac)), cfg.lambda_min_clipped))
+        timesteps = common.spaced_timesteps("linspace", cfg.num_train_timesteps, n,
                                         last_timestep=cfg.num_train_timesteps - clipped)
-        sig = ms.train_sigmas(ac)
+        sig = common.train_sigmas(ac)
         log_sig = np.log(sig)
-        kind = ms.sigma_kind(cfg)
+        kind = common.sigma_kind(cfg)
         if kind is not None:
-            sigmas = ms.respaced_sigmas(kind, np.flip(sig), n)
+            sigmas = common.respaced_sigmas(kind, np.flip(sig), n)
             timesteps = common.sigma_to_t(sigmas, log_sig)
             if kind == "karras":
                 timesteps = timesteps.round()
@@ -171,22 +162,19 @@ class DPMSolverSinglestepScheduler:
         timesteps, sigmas, orders = self.schedule(num_inference_steps)
         return self._state(timesteps, sigmas, orders, shape)
 
-    def set_begin_index(self, state, begin_index: int = 0) -> DPMSolverSinglestepState:
-        return state.replace(begin_index=jnp.int32(begin_index))
-
     def scale_model_input(self, state, sample, timestep=None):
         return sample
 
     def _convert(self, model_output, sample, alpha, sigma):
         cfg = self.config
         if cfg.prediction_type == "epsilon":
-            model_output = ms.learned_variance_mean(model_output, cfg.variance_type)
+            model_output = common.learned_variance_mean(model_output, cfg.variance_type)
         if cfg.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
-            x0 = ms.data_prediction(cfg.prediction_type, model_output, sample, alpha, sigma)
+            x0 = common.data_prediction(cfg.prediction_type, model_output, sample, alpha, sigma)
             if cfg.thresholding:
                 x0 = common.threshold_sample(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
             return x0, x0
-        eps = ms.noise_prediction(cfg.prediction_type, model_output, sample, alpha, sigma)
+        eps = common.noise_prediction(cfg.prediction_type, model_output, sample, alpha, sigma)
         return eps, (sample - sigma * eps) / alpha
 
     def _group_weights(self, k: int, sigmas, i):
@@ -194,11 +182,11 @@ class DPMSolverSinglestepScheduler:
         sum_j w_j m_j + c_noise z with m_0 the newest output and x_base the sample at step i - k + 1."""
         cfg = self.config
         algo, midpoint = cfg.algorithm_type, cfg.solver_type == "midpoint"
-        a_t, s_t = ms.alpha_sigma(ms.sigma_at(sigmas, i + 1))
-        a_b, s_b = ms.alpha_sigma(ms.sigma_at(sigmas, i - k + 1))
-        lam = lambda j: ms.log_snr(*ms.alpha_sigma(ms.sigma_at(sigmas, j)))  # noqa: E731
-        lam_b = ms.log_snr(a_b, s_b)
-        h = ms.log_snr(a_t, s_t) - lam_b
+        a_t, s_t = common.alpha_sigma(common.sigma_at(sigmas, i + 1))
+        a_b, s_b = common.alpha_sigma(common.sigma_at(sigmas, i - k + 1))
+        lam = lambda j: common.log_snr(*common.alpha_sigma(common.sigma_at(sigmas, j)))  # noqa: E731
+        lam_b = common.log_snr(a_b, s_b)
+        h = common.log_snr(a_t, s_t) - lam_b
         zero = jnp.zeros_like(h)
         if algo == "dpmsolver++":
             phi1 = jnp.exp(-h) - 1.0
@@ -234,11 +222,11 @@ class DPMSolverSinglestepScheduler:
     def step(self, state, model_output, timestep, sample, *, key=None, noise=None) -> common.SchedulerOutput:
         cfg = self.config
         p = cfg.solver_order
-        i = ms.current_step_index(state, timestep)
+        i = common.current_step_index(state, timestep)
         x = sample.astype(jnp.float32)
-        a0, s0 = ms.alpha_sigma(ms.sigma_at(state.sigmas, i))
+        a0, s0 = common.alpha_sigma(common.sigma_at(state.sigmas, i))
         m, x0 = self._convert(model_output.astype(jnp.float32), x, a0, s0)
-        history = ms.push(ms.history_for(state.model_outputs, x), m)
+        history = common.push(common.history_for(state.model_outputs, x), m)
         num_outputs = jnp.minimum(state.num_outputs + 1, p)
         # The scheduled order, lowered while fewer outputs exist (a start mid-schedule).
         order = jnp.minimum(state.order_list[jnp.clip(i, 0, state.order_list.shape[0] - 1)], num_outputs)
@@ -251,7 +239,7 @@ class DPMSolverSinglestepScheduler:
         for j in range(p):
             prev = prev + sel([w[1][j] for w in weights]) * history[p - 1 - j]
         if cfg.algorithm_type == "sde-dpmsolver++":
-            z = ms.gaussian(key, noise, x.shape, "an sde-dpmsolver++ step")
+            z = common.gaussian(key, noise, x.shape, "an sde-dpmsolver++ step")
             prev = prev + sel([w[2] for w in weights]) * z
         state = state.replace(
             model_outputs=history,
@@ -263,4 +251,4 @@ class DPMSolverSinglestepScheduler:
                                       pred_original_sample=x0.astype(sample.dtype))
 
     def add_noise(self, state, original, noise, timesteps):
-        return ms.add_noise_vp(state, original, noise, timesteps)
+        return common.add_noise_vp(state, original, noise, timesteps)

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.schedulers import _multistep as ms
 from unclip_jax.schedulers import common
-from unclip_jax.schedulers.euler_discrete import add_churn, add_sigma_noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,15 +46,9 @@ class EDMEulerState:
 
 
 @dataclasses.dataclass(frozen=True)
-class EDMEulerScheduler:
+class EDMEulerScheduler(common.Scheduler):
     config: EDMEulerConfig = EDMEulerConfig()
     order: ClassVar[int] = 1
-
-    @classmethod
-    def from_config(cls, config: dict | EDMEulerConfig | None = None, **overrides: Any) -> EDMEulerScheduler:
-        if isinstance(config, EDMEulerConfig):
-            return cls(dataclasses.replace(config, **overrides))
-        return cls(common.config_from_dict(EDMEulerConfig, config, **overrides))
 
     def _sigmas(self, ramp: np.ndarray) -> np.ndarray:
         """sigma_max -> sigma_min along `ramp` in [0, 1] (float64 [n]), float32."""
@@ -87,9 +79,6 @@ class EDMEulerScheduler:
         """`shape` is accepted like the multistep schedulers' (which size their history with it); unused here."""
         return self._state(self._sigmas(np.linspace(0, 1, num_inference_steps)))
 
-    def set_begin_index(self, state: EDMEulerState, begin_index: int = 0) -> EDMEulerState:
-        return state.replace(begin_index=jnp.asarray(begin_index, jnp.int32))
-
     def precondition_outputs(self, sample: jax.Array, model_output: jax.Array, sigma) -> jax.Array:
         """x_0 = c_skip(sigma) x + c_out(sigma) F (Karras et al. 2022, eq. 7 and Table 1)."""
         sd = self.config.sigma_data
@@ -101,7 +90,7 @@ class EDMEulerScheduler:
 
     def scale_model_input(self, state: EDMEulerState, sample: jax.Array, timestep) -> jax.Array:
         """c_in x = x / sqrt(sigma^2 + sigma_data^2)."""
-        sigma = state.sigmas[ms.current_step_index(state, timestep)]
+        sigma = state.sigmas[common.current_step_index(state, timestep)]
         c_in = 1 / (sigma**2 + self.config.sigma_data**2) ** 0.5
         return (sample.astype(jnp.float32) * c_in).astype(sample.dtype)
 
@@ -124,9 +113,10 @@ class EDMEulerScheduler:
         `pred_original_sample` replaces the preconditioned model output."""
         x = sample.astype(jnp.float32)
         out = model_output.astype(jnp.float32)
-        i = ms.current_step_index(state, timestep)
+        i = common.current_step_index(state, timestep)
         sigma = state.sigmas[i]
-        x, sigma_hat = add_churn(x, sigma, state.sigmas.shape[0] - 1, key, noise, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma_hat = common.add_churn(x, sigma, state.sigmas.shape[0] - 1, key, noise, s_churn, s_tmin, s_tmax,
+                                        s_noise)
         if pred_original_sample is None:
             x0 = self.precondition_outputs(x, out, sigma_hat)
         else:
@@ -136,4 +126,4 @@ class EDMEulerScheduler:
                                       pred_original_sample=x0.astype(sample.dtype))
 
     def add_noise(self, state: EDMEulerState, original: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
-        return add_sigma_noise(state, original, noise, timesteps)
+        return common.add_sigma_noise(state, original, noise, timesteps)

@@ -5,24 +5,15 @@ sigma_down^2 + sigma_up^2 = sigma_next^2."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.schedulers import _multistep as ms
 from unclip_jax.schedulers import common
-from unclip_jax.schedulers.euler_discrete import (
-    EulerDiscreteState,
-    add_sigma_noise,
-    denoised,
-    discrete_sigmas,
-    euler_state,
-    scale_by_sigma,
-)
 
-EulerAncestralDiscreteState = EulerDiscreteState
+EulerAncestralDiscreteState = common.SigmaState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,44 +29,35 @@ class EulerAncestralDiscreteConfig:
     rescale_betas_zero_snr: bool = False
 
     def __post_init__(self):
-        ms.check_unsupported(self, "EulerAncestralDiscrete")
+        common.check_unsupported(self, "EulerAncestralDiscrete")
         if self.prediction_type == "sample":  # diffusers raises NotImplementedError at the step
             raise common.SchedulerConfigError("EulerAncestralDiscrete: prediction_type 'sample' is not supported")
 
 
 @dataclasses.dataclass(frozen=True)
-class EulerAncestralDiscreteScheduler:
+class EulerAncestralDiscreteScheduler(common.Scheduler):
     config: EulerAncestralDiscreteConfig = EulerAncestralDiscreteConfig()
     order: ClassVar[int] = 1
 
-    @classmethod
-    def from_config(cls, config: dict | EulerAncestralDiscreteConfig | None = None,
-                    **overrides: Any) -> EulerAncestralDiscreteScheduler:
-        if isinstance(config, EulerAncestralDiscreteConfig):
-            return cls(dataclasses.replace(config, **overrides))
-        return cls(common.config_from_dict(EulerAncestralDiscreteConfig, config, **overrides))
-
-    def create_state(self, shape=None) -> EulerDiscreteState:
-        ac = ms.schedule_alphas_cumprod(self.config)
+    def create_state(self, shape=None) -> EulerAncestralDiscreteState:
+        ac = common.train_alphas_cumprod(self.config, zero_snr_last=common.ZERO_SNR_SIGMA_ABAR)
         T = self.config.num_train_timesteps
-        sigmas = np.concatenate([ms.train_sigmas(ac)[::-1], [0.0]])
-        return euler_state(ac, np.arange(T - 1, -1, -1), sigmas, self.config.timestep_spacing)
+        sigmas = np.concatenate([common.train_sigmas(ac)[::-1], [0.0]])
+        return common.sigma_state(ac, np.arange(T - 1, -1, -1), sigmas, self.config.timestep_spacing)
 
-    def set_timesteps(self, state: EulerDiscreteState, num_inference_steps: int, shape=None) -> EulerDiscreteState:
+    def set_timesteps(self, state: EulerAncestralDiscreteState, num_inference_steps: int,
+                      shape=None) -> EulerAncestralDiscreteState:
         """`shape` is accepted like the multistep schedulers' (which size their history with it); unused here."""
-        ac = ms.schedule_alphas_cumprod(self.config)
-        ts, sigmas, _ = discrete_sigmas(self.config, ac, num_inference_steps)
-        return euler_state(ac, ts, np.concatenate([sigmas, [0.0]]), self.config.timestep_spacing)
+        ac = common.train_alphas_cumprod(self.config, zero_snr_last=common.ZERO_SNR_SIGMA_ABAR)
+        ts, sigmas, _ = common.discrete_sigmas(self.config, ac, num_inference_steps)
+        return common.sigma_state(ac, ts, np.concatenate([sigmas, [0.0]]), self.config.timestep_spacing)
 
-    def set_begin_index(self, state: EulerDiscreteState, begin_index: int = 0) -> EulerDiscreteState:
-        return state.replace(begin_index=jnp.asarray(begin_index, jnp.int32))
-
-    def scale_model_input(self, state: EulerDiscreteState, sample: jax.Array, timestep) -> jax.Array:
-        return scale_by_sigma(sample, state.sigmas[ms.current_step_index(state, timestep)])
+    def scale_model_input(self, state: EulerAncestralDiscreteState, sample: jax.Array, timestep) -> jax.Array:
+        return common.scale_by_sigma(sample, state.sigmas[common.current_step_index(state, timestep)])
 
     def step(
         self,
-        state: EulerDiscreteState,
+        state: EulerAncestralDiscreteState,
         model_output: jax.Array,
         timestep,
         sample: jax.Array,
@@ -86,15 +68,16 @@ class EulerAncestralDiscreteScheduler:
         """Needs `key` or `noise` at every step (the last one adds zero-std noise, as diffusers draws it)."""
         x = sample.astype(jnp.float32)
         out = model_output.astype(jnp.float32)
-        i = ms.current_step_index(state, timestep)
+        i = common.current_step_index(state, timestep)
         sigma, sigma_to = state.sigmas[i], state.sigmas[i + 1]
-        x0 = denoised(self.config.prediction_type, out, x, sigma)
+        x0 = common.denoised(self.config.prediction_type, out, x, sigma)
         sigma_up = jnp.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)
         sigma_down = jnp.sqrt(sigma_to**2 - sigma_up**2)
         prev = x + (x - x0) / sigma * (sigma_down - sigma)
-        prev = prev + ms.gaussian(key, noise, x.shape, "EulerAncestral") * sigma_up
+        prev = prev + common.gaussian(key, noise, x.shape, "EulerAncestral") * sigma_up
         return common.SchedulerOutput(prev_sample=prev.astype(sample.dtype), state=state.replace(step_index=i + 1),
                                       pred_original_sample=x0.astype(sample.dtype))
 
-    def add_noise(self, state: EulerDiscreteState, original: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
-        return add_sigma_noise(state, original, noise, timesteps)
+    def add_noise(self, state: EulerAncestralDiscreteState, original: jax.Array, noise: jax.Array,
+                  timesteps) -> jax.Array:
+        return common.add_sigma_noise(state, original, noise, timesteps)

@@ -5,22 +5,14 @@ trapezoidal corrector), so the schedule lists each inner timestep twice."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.schedulers import _multistep as ms
 from unclip_jax.schedulers import common
-from unclip_jax.schedulers.euler_discrete import (
-    add_sigma_noise,
-    denoised,
-    discrete_sigmas,
-    init_noise_sigma_of,
-    scale_by_sigma,
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +32,7 @@ class HeunDiscreteConfig:
     steps_offset: int = 0
 
     def __post_init__(self):
-        ms.check_unsupported(self, "HeunDiscrete")
-        ms.sigma_kind(self)
+        common.check_unsupported(self, "HeunDiscrete")
 
 
 @flax.struct.dataclass
@@ -57,51 +48,35 @@ class HeunDiscreteState:
     init_noise_sigma: jax.Array  # []
 
 
-def interleave(x: np.ndarray, tail: bool = True) -> np.ndarray:
-    """x0, x1, x1, x2, x2, ... (each entry after the first twice), with the last entry once more if
-    `tail`: the second-order schedulers' layout of per-call tables."""
-    parts = [x[:1], np.repeat(x[1:], 2)] + ([x[-1:]] if tail else [])
-    return np.concatenate(parts)
-
-
 @dataclasses.dataclass(frozen=True)
-class HeunDiscreteScheduler:
+class HeunDiscreteScheduler(common.Scheduler):
     config: HeunDiscreteConfig = HeunDiscreteConfig()
     order: ClassVar[int] = 2
-
-    @classmethod
-    def from_config(cls, config: dict | HeunDiscreteConfig | None = None, **overrides: Any) -> HeunDiscreteScheduler:
-        if isinstance(config, HeunDiscreteConfig):
-            return cls(dataclasses.replace(config, **overrides))
-        return cls(common.config_from_dict(HeunDiscreteConfig, config, **overrides))
 
     def create_state(self, shape=None) -> HeunDiscreteState:
         return self.set_timesteps(None, self.config.num_train_timesteps, shape)
 
     def set_timesteps(self, state: HeunDiscreteState | None, num_inference_steps: int, shape=None) -> HeunDiscreteState:
         """`shape` (the sample's) fixes the saved predictor's shape, as a compiled loop needs."""
-        ac = ms.schedule_alphas_cumprod(self.config)
-        ts, sigmas, _ = discrete_sigmas(self.config, ac, num_inference_steps)
+        ac = common.train_alphas_cumprod(self.config)
+        ts, sigmas, _ = common.discrete_sigmas(self.config, ac, num_inference_steps)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         sigmas = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
-        ts = interleave(np.asarray(ts), tail=False).astype(np.float32)
+        ts = common.interleave(np.asarray(ts), tail=False).astype(np.float32)
         return HeunDiscreteState(
             alphas_cumprod=jnp.asarray(ac),
             timesteps=jnp.asarray(ts),
             sigmas=jnp.asarray(sigmas),
             first_order=jnp.asarray(True),
-            saved=jnp.zeros(ms.history_shape(2, shape), jnp.float32),
+            saved=jnp.zeros(common.history_shape(2, shape), jnp.float32),
             dt=jnp.asarray(0.0, jnp.float32),
             step_index=jnp.asarray(-1, jnp.int32),
             begin_index=jnp.asarray(-1, jnp.int32),
-            init_noise_sigma=jnp.asarray(init_noise_sigma_of(sigmas, self.config.timestep_spacing)),
+            init_noise_sigma=jnp.asarray(common.init_noise_sigma_of(sigmas, self.config.timestep_spacing)),
         )
 
-    def set_begin_index(self, state: HeunDiscreteState, begin_index: int = 0) -> HeunDiscreteState:
-        return state.replace(begin_index=jnp.asarray(begin_index, jnp.int32))
-
     def scale_model_input(self, state: HeunDiscreteState, sample: jax.Array, timestep) -> jax.Array:
-        return scale_by_sigma(sample, state.sigmas[ms.current_step_index(state, timestep)])
+        return common.scale_by_sigma(sample, state.sigmas[common.current_step_index(state, timestep)])
 
     def step(
         self,
@@ -117,13 +92,13 @@ class HeunDiscreteScheduler:
         c = self.config
         x = sample.astype(jnp.float32)
         out = model_output.astype(jnp.float32)
-        saved = ms.history_for(state.saved, x)
-        i = ms.current_step_index(state, timestep)
+        saved = common.history_for(state.saved, x)
+        i = common.current_step_index(state, timestep)
         first = state.first_order
-        sigma = jnp.where(first, state.sigmas[i], ms.sigma_at(state.sigmas, i - 1))
-        sigma_next = jnp.where(first, ms.sigma_at(state.sigmas, i + 1), state.sigmas[i])
+        sigma = jnp.where(first, state.sigmas[i], common.sigma_at(state.sigmas, i - 1))
+        sigma_next = jnp.where(first, common.sigma_at(state.sigmas, i + 1), state.sigmas[i])
         # The corrector evaluates the model at the predicted point, i.e. at sigma_next.
-        x0 = denoised(c.prediction_type, out, x, jnp.where(first, sigma, sigma_next))
+        x0 = common.denoised(c.prediction_type, out, x, jnp.where(first, sigma, sigma_next))
         if c.clip_sample:
             x0 = jnp.clip(x0, -c.clip_sample_range, c.clip_sample_range)
         d_pred = (x - x0) / sigma
@@ -140,4 +115,4 @@ class HeunDiscreteScheduler:
                                       pred_original_sample=x0.astype(sample.dtype))
 
     def add_noise(self, state: HeunDiscreteState, original: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
-        return add_sigma_noise(state, original, noise, timesteps)
+        return common.add_sigma_noise(state, original, noise, timesteps)

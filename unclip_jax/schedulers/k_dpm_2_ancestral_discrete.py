@@ -5,24 +5,14 @@ then fresh noise of std sigma_up (sigma_down^2 + sigma_up^2 = sigma_next^2)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.schedulers import _multistep as ms
 from unclip_jax.schedulers import common
-from unclip_jax.schedulers.euler_discrete import (
-    add_sigma_noise,
-    denoised,
-    discrete_sigmas,
-    init_noise_sigma_of,
-    scale_by_sigma,
-)
-from unclip_jax.schedulers.heun_discrete import interleave
-from unclip_jax.schedulers.k_dpm_2_discrete import log_midpoints, sigmas_to_t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +30,7 @@ class KDPM2AncestralDiscreteConfig:
     steps_offset: int = 0
 
     def __post_init__(self):
-        ms.check_unsupported(self, "KDPM2AncestralDiscrete")
-        ms.sigma_kind(self)
+        common.check_unsupported(self, "KDPM2AncestralDiscrete")
         if self.prediction_type == "sample":  # diffusers raises NotImplementedError at the step
             raise common.SchedulerConfigError("KDPM2AncestralDiscrete: prediction_type 'sample' is not supported")
 
@@ -62,16 +51,9 @@ class KDPM2AncestralDiscreteState:
 
 
 @dataclasses.dataclass(frozen=True)
-class KDPM2AncestralDiscreteScheduler:
+class KDPM2AncestralDiscreteScheduler(common.Scheduler):
     config: KDPM2AncestralDiscreteConfig = KDPM2AncestralDiscreteConfig()
     order: ClassVar[int] = 2
-
-    @classmethod
-    def from_config(cls, config: dict | KDPM2AncestralDiscreteConfig | None = None,
-                    **overrides: Any) -> KDPM2AncestralDiscreteScheduler:
-        if isinstance(config, KDPM2AncestralDiscreteConfig):
-            return cls(dataclasses.replace(config, **overrides))
-        return cls(common.config_from_dict(KDPM2AncestralDiscreteConfig, config, **overrides))
 
     def create_state(self, shape=None) -> KDPM2AncestralDiscreteState:
         return self.set_timesteps(None, self.config.num_train_timesteps, shape)
@@ -79,8 +61,8 @@ class KDPM2AncestralDiscreteScheduler:
     def set_timesteps(self, state, num_inference_steps: int, shape=None) -> KDPM2AncestralDiscreteState:
         """`shape` (the sample's) fixes the saved sample's shape, as a compiled loop needs."""
         c = self.config
-        ac = ms.schedule_alphas_cumprod(c)
-        ts, sigmas, log_sigmas = discrete_sigmas(c, ac, num_inference_steps)
+        ac = common.train_alphas_cumprod(c)
+        ts, sigmas, log_sigmas = common.discrete_sigmas(c, ac, num_inference_steps)
         if c.use_karras_sigmas:
             ts = np.round(ts)  # diffusers rounds the Karras timesteps (only) for this scheduler
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
@@ -90,32 +72,29 @@ class KDPM2AncestralDiscreteScheduler:
             up = np.sqrt(nxt**2 * (sigmas**2 - nxt**2) / sigmas**2).astype(np.float32)
             down = np.sqrt(nxt**2 - up**2).astype(np.float32)
         down[-1] = 0.0
-        mids = log_midpoints(sigmas, down)
+        mids = common.log_midpoints(sigmas, down)
         mids[-2:] = 0.0
-        ts_mid = sigmas_to_t(mids, log_sigmas)
+        ts_mid = common.sigma_to_t(mids, log_sigmas)
         ts = np.asarray(ts)
         ts = np.concatenate([ts[:1], np.stack([ts_mid[:-2], ts[1:]], axis=-1).reshape(-1)]).astype(np.float32)
         return KDPM2AncestralDiscreteState(
             alphas_cumprod=jnp.asarray(ac),
             timesteps=jnp.asarray(ts),
-            sigmas=jnp.asarray(interleave(sigmas)),
-            sigmas_interpol=jnp.asarray(interleave(mids)),
-            sigmas_up=jnp.asarray(interleave(up)),
-            sigmas_down=jnp.asarray(interleave(down)),
+            sigmas=jnp.asarray(common.interleave(sigmas)),
+            sigmas_interpol=jnp.asarray(common.interleave(mids)),
+            sigmas_up=jnp.asarray(common.interleave(up)),
+            sigmas_down=jnp.asarray(common.interleave(down)),
             first_order=jnp.asarray(True),
-            saved=jnp.zeros(ms.history_shape(1, shape), jnp.float32),
+            saved=jnp.zeros(common.history_shape(1, shape), jnp.float32),
             step_index=jnp.asarray(-1, jnp.int32),
             begin_index=jnp.asarray(-1, jnp.int32),
-            init_noise_sigma=jnp.asarray(init_noise_sigma_of(interleave(sigmas), c.timestep_spacing)),
+            init_noise_sigma=jnp.asarray(common.init_noise_sigma_of(common.interleave(sigmas), c.timestep_spacing)),
         )
 
-    def set_begin_index(self, state, begin_index: int = 0) -> KDPM2AncestralDiscreteState:
-        return state.replace(begin_index=jnp.asarray(begin_index, jnp.int32))
-
     def scale_model_input(self, state, sample: jax.Array, timestep) -> jax.Array:
-        i = ms.current_step_index(state, timestep)
-        return scale_by_sigma(sample, jnp.where(state.first_order, state.sigmas[i],
-                                                ms.sigma_at(state.sigmas_interpol, i - 1)))
+        i = common.current_step_index(state, timestep)
+        return common.scale_by_sigma(sample, jnp.where(state.first_order, state.sigmas[i],
+                                                common.sigma_at(state.sigmas_interpol, i - 1)))
 
     def step(
         self,
@@ -131,17 +110,17 @@ class KDPM2AncestralDiscreteScheduler:
         (only the full-step calls use it)."""
         x = sample.astype(jnp.float32)
         out = model_output.astype(jnp.float32)
-        saved = ms.history_for(state.saved, x)
-        i = ms.current_step_index(state, timestep)
+        saved = common.history_for(state.saved, x)
+        i = common.current_step_index(state, timestep)
         first = state.first_order
-        prev_i = ms.sigma_at(state.sigmas, i - 1), ms.sigma_at(state.sigmas_interpol, i - 1)
+        prev_i = common.sigma_at(state.sigmas, i - 1), common.sigma_at(state.sigmas_interpol, i - 1)
         sigma = jnp.where(first, state.sigmas[i], prev_i[0])
         sigma_mid = jnp.where(first, state.sigmas_interpol[i], prev_i[1])
-        sigma_up = ms.sigma_at(state.sigmas_up, i - 1)
-        sigma_down = ms.sigma_at(state.sigmas_down, i - 1)
-        x0 = denoised(self.config.prediction_type, out, x, jnp.where(first, sigma, sigma_mid))
+        sigma_up = common.sigma_at(state.sigmas_up, i - 1)
+        sigma_down = common.sigma_at(state.sigmas_down, i - 1)
+        x0 = common.denoised(self.config.prediction_type, out, x, jnp.where(first, sigma, sigma_mid))
         half = x + (x - x0) / sigma * (sigma_mid - sigma)
-        z = ms.gaussian(key, noise, x.shape, "KDPM2Ancestral")
+        z = common.gaussian(key, noise, x.shape, "KDPM2Ancestral")
         full = saved[0] + (x - x0) / sigma_mid * (sigma_down - sigma) + z * sigma_up
         prev = jnp.where(first, half, full)
         new_state = state.replace(first_order=jnp.logical_not(first), saved=jnp.where(first, x[None], saved),
@@ -150,4 +129,4 @@ class KDPM2AncestralDiscreteScheduler:
                                       pred_original_sample=x0.astype(sample.dtype))
 
     def add_noise(self, state, original: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
-        return add_sigma_noise(state, original, noise, timesteps)
+        return common.add_sigma_noise(state, original, noise, timesteps)

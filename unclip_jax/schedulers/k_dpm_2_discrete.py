@@ -6,37 +6,14 @@ The schedule interleaves the midpoint timesteps with the regular ones."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.schedulers import _multistep as ms
 from unclip_jax.schedulers import common
-from unclip_jax.schedulers.euler_discrete import (
-    add_sigma_noise,
-    denoised,
-    discrete_sigmas,
-    init_noise_sigma_of,
-    scale_by_sigma,
-)
-from unclip_jax.schedulers.heun_discrete import interleave
-
-
-def log_midpoints(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """exp((log a + log b) / 2) in float32 with torch.lerp's rounding at weight 1/2 (end - (end - start) / 2);
-    a zero end gives 0, 0 with 0 gives NaN, as in diffusers (those entries are never used)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        la, lb = np.log(a.astype(np.float32)), np.log(b.astype(np.float32))
-        return np.exp(lb - (lb - la) * np.float32(0.5)).astype(np.float32)
-
-
-def sigmas_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """common.sigma_to_t in float32, tolerating the unused NaN entries of the midpoint tables."""
-    with np.errstate(invalid="ignore"):
-        return common.sigma_to_t(np.asarray(sigmas, np.float32), log_sigmas)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +31,7 @@ class KDPM2DiscreteConfig:
     steps_offset: int = 0
 
     def __post_init__(self):
-        ms.check_unsupported(self, "KDPM2Discrete")
-        ms.sigma_kind(self)
+        common.check_unsupported(self, "KDPM2Discrete")
         if self.prediction_type == "sample":  # diffusers raises NotImplementedError at the step
             raise common.SchedulerConfigError("KDPM2Discrete: prediction_type 'sample' is not supported")
 
@@ -74,15 +50,9 @@ class KDPM2DiscreteState:
 
 
 @dataclasses.dataclass(frozen=True)
-class KDPM2DiscreteScheduler:
+class KDPM2DiscreteScheduler(common.Scheduler):
     config: KDPM2DiscreteConfig = KDPM2DiscreteConfig()
     order: ClassVar[int] = 2
-
-    @classmethod
-    def from_config(cls, config: dict | KDPM2DiscreteConfig | None = None, **overrides: Any) -> KDPM2DiscreteScheduler:
-        if isinstance(config, KDPM2DiscreteConfig):
-            return cls(dataclasses.replace(config, **overrides))
-        return cls(common.config_from_dict(KDPM2DiscreteConfig, config, **overrides))
 
     def create_state(self, shape=None) -> KDPM2DiscreteState:
         return self.set_timesteps(None, self.config.num_train_timesteps, shape)
@@ -90,33 +60,30 @@ class KDPM2DiscreteScheduler:
     def set_timesteps(self, state, num_inference_steps: int, shape=None) -> KDPM2DiscreteState:
         """`shape` (the sample's) fixes the saved sample's shape, as a compiled loop needs."""
         c = self.config
-        ac = ms.schedule_alphas_cumprod(c)
-        ts, sigmas, log_sigmas = discrete_sigmas(c, ac, num_inference_steps)
+        ac = common.train_alphas_cumprod(c)
+        ts, sigmas, log_sigmas = common.discrete_sigmas(c, ac, num_inference_steps)
         if c.use_karras_sigmas:
             ts = np.round(ts)  # diffusers rounds the Karras timesteps (only) for this scheduler
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
-        mids = log_midpoints(sigmas, np.roll(sigmas, 1))
-        ts_mid = sigmas_to_t(mids, log_sigmas)
+        mids = common.log_midpoints(sigmas, np.roll(sigmas, 1))
+        ts_mid = common.sigma_to_t(mids, log_sigmas)
         ts = np.asarray(ts)
         ts = np.concatenate([ts[:1], np.stack([ts_mid[1:-1], ts[1:]], axis=-1).reshape(-1)]).astype(np.float32)
         return KDPM2DiscreteState(
             alphas_cumprod=jnp.asarray(ac),
             timesteps=jnp.asarray(ts),
-            sigmas=jnp.asarray(interleave(sigmas)),
-            sigmas_interpol=jnp.asarray(interleave(mids)),
+            sigmas=jnp.asarray(common.interleave(sigmas)),
+            sigmas_interpol=jnp.asarray(common.interleave(mids)),
             first_order=jnp.asarray(True),
-            saved=jnp.zeros(ms.history_shape(1, shape), jnp.float32),
+            saved=jnp.zeros(common.history_shape(1, shape), jnp.float32),
             step_index=jnp.asarray(-1, jnp.int32),
             begin_index=jnp.asarray(-1, jnp.int32),
-            init_noise_sigma=jnp.asarray(init_noise_sigma_of(interleave(sigmas), c.timestep_spacing)),
+            init_noise_sigma=jnp.asarray(common.init_noise_sigma_of(common.interleave(sigmas), c.timestep_spacing)),
         )
 
-    def set_begin_index(self, state: KDPM2DiscreteState, begin_index: int = 0) -> KDPM2DiscreteState:
-        return state.replace(begin_index=jnp.asarray(begin_index, jnp.int32))
-
     def scale_model_input(self, state: KDPM2DiscreteState, sample: jax.Array, timestep) -> jax.Array:
-        i = ms.current_step_index(state, timestep)
-        return scale_by_sigma(sample, jnp.where(state.first_order, state.sigmas[i], state.sigmas_interpol[i]))
+        i = common.current_step_index(state, timestep)
+        return common.scale_by_sigma(sample, jnp.where(state.first_order, state.sigmas[i], state.sigmas_interpol[i]))
 
     def step(
         self,
@@ -131,13 +98,13 @@ class KDPM2DiscreteScheduler:
         """The midpoint call or the full-step call, as the state says (deterministic)."""
         x = sample.astype(jnp.float32)
         out = model_output.astype(jnp.float32)
-        saved = ms.history_for(state.saved, x)
-        i = ms.current_step_index(state, timestep)
+        saved = common.history_for(state.saved, x)
+        i = common.current_step_index(state, timestep)
         first = state.first_order
-        sigma = jnp.where(first, state.sigmas[i], ms.sigma_at(state.sigmas, i - 1))
-        sigma_mid = jnp.where(first, ms.sigma_at(state.sigmas_interpol, i + 1), state.sigmas_interpol[i])
-        sigma_next = jnp.where(first, ms.sigma_at(state.sigmas, i + 1), state.sigmas[i])
-        x0 = denoised(self.config.prediction_type, out, x, jnp.where(first, sigma, sigma_mid))
+        sigma = jnp.where(first, state.sigmas[i], common.sigma_at(state.sigmas, i - 1))
+        sigma_mid = jnp.where(first, common.sigma_at(state.sigmas_interpol, i + 1), state.sigmas_interpol[i])
+        sigma_next = jnp.where(first, common.sigma_at(state.sigmas, i + 1), state.sigmas[i])
+        x0 = common.denoised(self.config.prediction_type, out, x, jnp.where(first, sigma, sigma_mid))
         # First call: Euler to the midpoint. Second: the full step from the saved start with the slope
         # evaluated at the midpoint.
         half = x + (x - x0) / sigma * (sigma_mid - sigma)
@@ -149,4 +116,4 @@ class KDPM2DiscreteScheduler:
                                       pred_original_sample=x0.astype(sample.dtype))
 
     def add_noise(self, state: KDPM2DiscreteState, original: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
-        return add_sigma_noise(state, original, noise, timesteps)
+        return common.add_sigma_noise(state, original, noise, timesteps)

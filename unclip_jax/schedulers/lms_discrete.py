@@ -9,22 +9,14 @@ host at `set_timesteps` and kept in the state, one table per multistep order.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.schedulers import _multistep as ms
 from unclip_jax.schedulers import common
-from unclip_jax.schedulers.euler_discrete import (
-    add_sigma_noise,
-    denoised,
-    discrete_sigmas,
-    init_noise_sigma_of,
-    scale_by_sigma,
-)
 
 MAX_ORDER = 4
 
@@ -80,8 +72,7 @@ class LMSDiscreteConfig:
     steps_offset: int = 0
 
     def __post_init__(self):
-        ms.check_unsupported(self, "LMSDiscrete")
-        ms.sigma_kind(self)
+        common.check_unsupported(self, "LMSDiscrete")
 
 
 @flax.struct.dataclass
@@ -98,15 +89,9 @@ class LMSDiscreteState:
 
 
 @dataclasses.dataclass(frozen=True)
-class LMSDiscreteScheduler:
+class LMSDiscreteScheduler(common.Scheduler):
     config: LMSDiscreteConfig = LMSDiscreteConfig()
     order: ClassVar[int] = 1
-
-    @classmethod
-    def from_config(cls, config: dict | LMSDiscreteConfig | None = None, **overrides: Any) -> LMSDiscreteScheduler:
-        if isinstance(config, LMSDiscreteConfig):
-            return cls(dataclasses.replace(config, **overrides))
-        return cls(common.config_from_dict(LMSDiscreteConfig, config, **overrides))
 
     def create_state(self, shape=None) -> LMSDiscreteState:
         """The training-length schedule (diffusers runs set_timesteps(T) at construction)."""
@@ -114,26 +99,23 @@ class LMSDiscreteScheduler:
 
     def set_timesteps(self, state: LMSDiscreteState | None, num_inference_steps: int, shape=None) -> LMSDiscreteState:
         """`shape` (the sample's) fixes the derivative history's shape, as a compiled loop needs."""
-        ac = ms.schedule_alphas_cumprod(self.config)
-        ts, sigmas, _ = discrete_sigmas(self.config, ac, num_inference_steps)
+        ac = common.train_alphas_cumprod(self.config)
+        ts, sigmas, _ = common.discrete_sigmas(self.config, ac, num_inference_steps)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         return LMSDiscreteState(
             alphas_cumprod=jnp.asarray(ac),
             timesteps=jnp.asarray(np.asarray(ts).astype(np.float32)),
             sigmas=jnp.asarray(sigmas),
             coefficients=jnp.asarray(lms_coefficients(sigmas)),
-            derivatives=jnp.zeros(ms.history_shape(MAX_ORDER, shape), jnp.float32),
+            derivatives=jnp.zeros(common.history_shape(MAX_ORDER, shape), jnp.float32),
             num_derivatives=jnp.asarray(0, jnp.int32),
             step_index=jnp.asarray(-1, jnp.int32),
             begin_index=jnp.asarray(-1, jnp.int32),
-            init_noise_sigma=jnp.asarray(init_noise_sigma_of(sigmas, self.config.timestep_spacing)),
+            init_noise_sigma=jnp.asarray(common.init_noise_sigma_of(sigmas, self.config.timestep_spacing)),
         )
 
-    def set_begin_index(self, state: LMSDiscreteState, begin_index: int = 0) -> LMSDiscreteState:
-        return state.replace(begin_index=jnp.asarray(begin_index, jnp.int32))
-
     def scale_model_input(self, state: LMSDiscreteState, sample: jax.Array, timestep) -> jax.Array:
-        return scale_by_sigma(sample, state.sigmas[ms.current_step_index(state, timestep)])
+        return common.scale_by_sigma(sample, state.sigmas[common.current_step_index(state, timestep)])
 
     def step(
         self,
@@ -151,10 +133,10 @@ class LMSDiscreteScheduler:
             raise ValueError(f"LMS order must be in 1..{MAX_ORDER}, got {order}")
         x = sample.astype(jnp.float32)
         out = model_output.astype(jnp.float32)
-        i = ms.current_step_index(state, timestep)
+        i = common.current_step_index(state, timestep)
         sigma = state.sigmas[i]
-        x0 = denoised(self.config.prediction_type, out, x, sigma)
-        history = ms.push(ms.history_for(state.derivatives, x), (x - x0) / sigma)
+        x0 = common.denoised(self.config.prediction_type, out, x, sigma)
+        history = common.push(common.history_for(state.derivatives, x), (x - x0) / sigma)
         count = jnp.minimum(state.num_derivatives + 1, order)
         coeffs = state.coefficients[order - 1, i]
         # A history shorter than the order (a start past step 0) uses only the newest derivatives.
@@ -167,4 +149,4 @@ class LMSDiscreteScheduler:
                                       pred_original_sample=x0.astype(sample.dtype))
 
     def add_noise(self, state: LMSDiscreteState, original: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
-        return add_sigma_noise(state, original, noise, timesteps)
+        return common.add_sigma_noise(state, original, noise, timesteps)

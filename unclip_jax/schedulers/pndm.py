@@ -9,14 +9,13 @@ computed and the counter picks one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.schedulers import _multistep as ms
 from unclip_jax.schedulers import common
 
 
@@ -57,19 +56,13 @@ class PNDMState:
 
 
 @dataclasses.dataclass(frozen=True)
-class PNDMScheduler:
+class PNDMScheduler(common.Scheduler):
     config: PNDMConfig = PNDMConfig()
     order: ClassVar[int] = 1
 
-    @classmethod
-    def from_config(cls, config: dict | PNDMConfig | None = None, **overrides: Any) -> PNDMScheduler:
-        if isinstance(config, PNDMConfig):
-            return cls(dataclasses.replace(config, **overrides))
-        return cls(common.config_from_dict(PNDMConfig, config, **overrides))
-
     def create_state(self, shape=None) -> PNDMState:
         c = self.config
-        ac = ms.schedule_alphas_cumprod(c)
+        ac = common.train_alphas_cumprod(c)
         return PNDMState(
             alphas_cumprod=jnp.asarray(ac),
             final_alpha_cumprod=jnp.asarray(1.0 if c.set_alpha_to_one else ac[0], jnp.float32),
@@ -77,9 +70,9 @@ class PNDMScheduler:
             step_ratio=jnp.asarray(1, jnp.int32),
             num_prk_steps=jnp.asarray(0, jnp.int32),
             counter=jnp.asarray(0, jnp.int32),
-            ets=jnp.zeros(ms.history_shape(4, shape), jnp.float32),
+            ets=jnp.zeros(common.history_shape(4, shape), jnp.float32),
             num_ets=jnp.asarray(0, jnp.int32),
-            carry=jnp.zeros(ms.history_shape(2, shape), jnp.float32),
+            carry=jnp.zeros(common.history_shape(2, shape), jnp.float32),
             init_noise_sigma=jnp.asarray(1.0, jnp.float32),
         )
 
@@ -108,9 +101,9 @@ class PNDMScheduler:
             step_ratio=jnp.asarray(T // n, jnp.int32),
             num_prk_steps=jnp.asarray(len(prk), jnp.int32),
             counter=jnp.asarray(0, jnp.int32),
-            ets=jnp.zeros(ms.history_shape(4, shape), jnp.float32),
+            ets=jnp.zeros(common.history_shape(4, shape), jnp.float32),
             num_ets=jnp.asarray(0, jnp.int32),
-            carry=jnp.zeros(ms.history_shape(2, shape), jnp.float32),
+            carry=jnp.zeros(common.history_shape(2, shape), jnp.float32),
         )
 
     def set_begin_index(self, state: PNDMState, begin_index: int = 0) -> PNDMState:
@@ -142,8 +135,8 @@ class PNDMScheduler:
         """One PRK or PLMS call, picked by the step counter (deterministic: `key`/`noise` are unused)."""
         x = sample.astype(jnp.float32)
         out = model_output.astype(jnp.float32)
-        ets = ms.history_for(state.ets, x)
-        carry = ms.history_for(state.carry, x)
+        ets = common.history_for(state.ets, x)
+        carry = common.history_for(state.carry, x)
         rk_sum, rk_sample = carry[0], carry[1]
         t = jnp.asarray(timestep, jnp.int32)
         c = state.counter
@@ -156,13 +149,13 @@ class PNDMScheduler:
         prk_eps = jnp.where(m == 3, rk_sum + out / 6, out)
         prk_sum = jnp.where(m == 0, rk_sum + out / 6, jnp.where(m == 3, 0.0, rk_sum + out / 3))
         prk_start = jnp.where(m == 0, x, rk_sample)
-        prk_ets = jnp.where(m == 0, ms.push(ets, out), ets)
+        prk_ets = jnp.where(m == 0, common.push(ets, out), ets)
         prk_num = jnp.where(m == 0, jnp.minimum(state.num_ets + 1, 4), state.num_ets)
         prk_prev = self._prev_sample(state, prk_start, prk_t, prk_prev_t, prk_eps)
 
         # PLMS: Adams-Bashforth on the stored outputs; the counter-1 call corrects the first step.
         second = c == 1
-        plms_ets = jnp.where(second, ets, ms.push(ets, out))
+        plms_ets = jnp.where(second, ets, common.push(ets, out))
         plms_num = jnp.where(second, state.num_ets, jnp.minimum(state.num_ets + 1, 4))
         plms_t = jnp.where(second, t + r, t)
         plms_prev_t = jnp.where(second, t, t - r)

@@ -5,16 +5,14 @@ cosine schedule, with strided steps whose previous timestep the caller passes, a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.schedulers import _multistep as ms
 from unclip_jax.schedulers import common
-from unclip_jax.schedulers.ddpm import split_learned_variance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,22 +42,16 @@ class UnCLIPState:
 
 
 @dataclasses.dataclass(frozen=True)
-class UnCLIPScheduler:
+class UnCLIPScheduler(common.Scheduler):
     config: UnCLIPConfig = UnCLIPConfig()
     order: ClassVar[int] = 1
-
-    @classmethod
-    def from_config(cls, config: dict | UnCLIPConfig | None = None, **overrides: Any) -> UnCLIPScheduler:
-        if isinstance(config, UnCLIPConfig):
-            return cls(dataclasses.replace(config, **overrides))
-        return cls(common.config_from_dict(UnCLIPConfig, config, **overrides))
 
     def create_state(self, shape=None) -> UnCLIPState:
         T = self.config.num_train_timesteps
         betas = common.alpha_bar_betas(T)
         return UnCLIPState(
             betas=jnp.asarray(betas),
-            alphas_cumprod=jnp.asarray(common.torch_alphas_cumprod(betas)),
+            alphas_cumprod=jnp.asarray(common.alphas_cumprod_of(betas)),
             timesteps=jnp.arange(T - 1, -1, -1, dtype=jnp.int32),
             init_noise_sigma=jnp.asarray(1.0, jnp.float32),
         )
@@ -102,9 +94,7 @@ class UnCLIPScheduler:
         needed (noise is added whenever t > 0)."""
         c = self.config
         x = sample.astype(jnp.float32)
-        out, predicted_variance = split_learned_variance(model_output.astype(jnp.float32), x, c.variance_type)
-        if c.variance_type == "learned_range" and predicted_variance is None:
-            raise ValueError("variance_type 'learned_range' needs a model output with twice the sample's channels")
+        out, predicted_variance = common.split_learned_variance(model_output.astype(jnp.float32), x, c.variance_type)
         t = jnp.asarray(timestep, jnp.int32)
         prev_t = t - 1 if prev_timestep is None else jnp.asarray(prev_timestep, jnp.int32)
         abar_t = state.alphas_cumprod[t]
@@ -112,21 +102,11 @@ class UnCLIPScheduler:
         # A unit stride uses the table's beta_t; a longer one the beta of the combined jump.
         beta = jnp.where(prev_t == t - 1, state.betas[t], 1 - abar_t / abar_prev)
         alpha = jnp.where(prev_t == t - 1, 1 - state.betas[t], 1 - beta)
-        if c.prediction_type == "epsilon":
-            x0 = (x - jnp.sqrt(1 - abar_t) * out) / jnp.sqrt(abar_t)
-        else:
-            x0 = out
-        if c.clip_sample:
-            x0 = jnp.clip(x0, -c.clip_sample_range, c.clip_sample_range)
-        mean = (jnp.sqrt(abar_prev) * beta / (1 - abar_t)) * x0 + (jnp.sqrt(alpha) * (1 - abar_prev) / (1 - abar_t)) * x
-        variance = (1 - abar_prev) / (1 - abar_t) * beta
-        if c.variance_type == "fixed_small_log":
-            std = jnp.exp(0.5 * jnp.log(jnp.maximum(variance, 1e-20)))
-        else:
-            # Nichol & Dhariwal 2021, eq. 15: log-variance between beta~ and beta.
-            frac = (predicted_variance + 1) / 2
-            std = jnp.exp(0.5 * (frac * jnp.log(beta) + (1 - frac) * jnp.log(variance)))
-        z = ms.gaussian(key, noise, x.shape, "UnCLIP")
+        x0 = common.data_prediction(c.prediction_type, out, x, jnp.sqrt(abar_t), jnp.sqrt(1 - abar_t))
+        x0 = common.limit_pred_original(x0, c)
+        mean, std = common.ancestral_posterior(x0, x, abar_t, abar_prev, alpha, beta, c.variance_type,
+                                               predicted_variance)
+        z = common.gaussian(key, noise, x.shape, "UnCLIP")
         prev = mean + jnp.where(t > 0, std * z, 0.0)
         return common.SchedulerOutput(prev_sample=prev.astype(sample.dtype), state=state,
                                       pred_original_sample=x0.astype(sample.dtype))

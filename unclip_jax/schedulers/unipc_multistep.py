@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unclip_jax.schedulers import _multistep as ms
 from unclip_jax.schedulers import common
 
 
@@ -65,16 +64,14 @@ class UniPCMultistepConfig:
             raise common.SchedulerConfigError("an external predictor scheduler (solver_p) is not supported")
         if self.final_sigmas_type not in ("zero", "sigma_min"):
             raise common.SchedulerConfigError(f"final_sigmas_type {self.final_sigmas_type!r} is not supported")
-        if sum([self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas]) > 1:
-            raise common.SchedulerConfigError("only one of use_karras/exponential/beta_sigmas may be set")
         if self.shift_terminal is not None:
             raise common.SchedulerConfigError("shift_terminal needs flow-matching sigmas, which are not supported")
-        ms.check_unsupported(self, "UniPCMultistepScheduler")
+        common.check_unsupported(self, "UniPCMultistepScheduler")
 
 
 @flax.struct.dataclass
 class UniPCMultistepState:
-    """As `DPMSolverMultistepState`, plus: last_sample, the sample the previous predictor started from (the
+    """As `common.MultistepState`, plus: last_sample, the sample the previous predictor started from (the
     corrector's base); this_order, that predictor's order; corrector_off [N], steps whose following
     corrector `disable_corrector` switches off."""
 
@@ -92,20 +89,14 @@ class UniPCMultistepState:
 
 
 @dataclasses.dataclass(frozen=True)
-class UniPCMultistepScheduler:
+class UniPCMultistepScheduler(common.Scheduler):
     config: UniPCMultistepConfig = UniPCMultistepConfig()
 
     order = 1
 
-    @classmethod
-    def from_config(cls, config=None, **overrides) -> "UniPCMultistepScheduler":
-        if isinstance(config, UniPCMultistepConfig):
-            return cls(dataclasses.replace(config, **overrides))
-        return cls(common.config_from_dict(UniPCMultistepConfig, config, **overrides))
-
     def _state(self, timesteps, sigmas, shape) -> UniPCMultistepState:
         cfg = self.config
-        ac = ms.schedule_alphas_cumprod(cfg)
+        ac = common.train_alphas_cumprod(cfg, zero_snr_last=common.ZERO_SNR_SIGMA_ABAR)
         n = len(timesteps)
         off = np.zeros(n, bool)
         for k in cfg.disable_corrector:
@@ -116,8 +107,8 @@ class UniPCMultistepScheduler:
             sigmas=jnp.asarray(sigmas, jnp.float32),
             alphas_cumprod=jnp.asarray(ac),
             init_noise_sigma=jnp.float32(1.0),
-            model_outputs=jnp.zeros(ms.history_shape(cfg.solver_order, shape), jnp.float32),
-            last_sample=jnp.zeros(ms.history_shape(1, shape)[1:], jnp.float32),
+            model_outputs=jnp.zeros(common.history_shape(cfg.solver_order, shape), jnp.float32),
+            last_sample=jnp.zeros(common.history_shape(1, shape)[1:], jnp.float32),
             lower_order_nums=jnp.int32(0),
             this_order=jnp.int32(1),
             corrector_off=jnp.asarray(off),
@@ -126,20 +117,20 @@ class UniPCMultistepScheduler:
         )
 
     def create_state(self, shape=None) -> UniPCMultistepState:
-        ac = ms.schedule_alphas_cumprod(self.config)
+        ac = common.train_alphas_cumprod(self.config, zero_snr_last=common.ZERO_SNR_SIGMA_ABAR)
         t = self.config.num_train_timesteps
-        return self._state(np.arange(t - 1, -1, -1), ms.train_sigmas(ac), shape)
+        return self._state(np.arange(t - 1, -1, -1), common.train_sigmas(ac), shape)
 
     def schedule(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """(timesteps int64 [N], sigmas float32 [N + 1]) as diffusers' `set_timesteps` builds them."""
         cfg, n = self.config, num_inference_steps
-        ac = ms.schedule_alphas_cumprod(cfg)
-        timesteps = ms.spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset)
-        sig = ms.train_sigmas(ac)
+        ac = common.train_alphas_cumprod(cfg, zero_snr_last=common.ZERO_SNR_SIGMA_ABAR)
+        timesteps = common.spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset)
+        sig = common.train_sigmas(ac)
         log_sig = np.log(sig)
-        kind = ms.sigma_kind(cfg)
+        kind = common.sigma_kind(cfg)
         if kind is not None:
-            sigmas = ms.respaced_sigmas(kind, np.flip(sig), n, cfg.sigma_min, cfg.sigma_max)
+            sigmas = common.respaced_sigmas(kind, np.flip(sig), n, cfg.sigma_min, cfg.sigma_max)
             timesteps = common.sigma_to_t(sigmas, log_sig)
             if kind == "karras":
                 timesteps = timesteps.round()
@@ -155,36 +146,33 @@ class UniPCMultistepScheduler:
         timesteps, sigmas = self.schedule(num_inference_steps)
         return self._state(timesteps, sigmas, shape)
 
-    def set_begin_index(self, state, begin_index: int = 0) -> UniPCMultistepState:
-        return state.replace(begin_index=jnp.int32(begin_index))
-
     def scale_model_input(self, state, sample, timestep=None):
         return sample
 
     def _convert(self, model_output, sample, alpha, sigma):
         """(solver variable, x0): x_0 when predicting data, eps otherwise."""
         cfg = self.config
-        x0 = ms.data_prediction(cfg.prediction_type, model_output, sample, alpha, sigma)
+        x0 = common.data_prediction(cfg.prediction_type, model_output, sample, alpha, sigma)
         if cfg.predict_x0:
             if cfg.thresholding:
                 x0 = common.threshold_sample(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
             return x0, x0
-        return ms.noise_prediction(cfg.prediction_type, model_output, sample, alpha, sigma), x0
+        return common.noise_prediction(cfg.prediction_type, model_output, sample, alpha, sigma), x0
 
     def _update(self, sigmas, base, x, history, order, model_t=None):
         """One UniP (model_t None) or UniC update from sigmas[base] to sigmas[base + 1] of sample x, with
         history[-1] the output at `base` and history[-1 - j] the one at base - j; `order` is traced."""
         cfg = self.config
         p_max = history.shape[0]
-        a_t, s_t = ms.alpha_sigma(ms.sigma_at(sigmas, base + 1))
-        a_b, s_b = ms.alpha_sigma(ms.sigma_at(sigmas, base))
-        lam_b = ms.log_snr(a_b, s_b)
-        h = ms.log_snr(a_t, s_t) - lam_b
+        a_t, s_t = common.alpha_sigma(common.sigma_at(sigmas, base + 1))
+        a_b, s_b = common.alpha_sigma(common.sigma_at(sigmas, base))
+        lam_b = common.log_snr(a_b, s_b)
+        h = common.log_snr(a_t, s_t) - lam_b
         m0 = history[-1]
         rks = []
         for j in range(1, p_max):
-            a_j, s_j = ms.alpha_sigma(ms.sigma_at(sigmas, base - j))
-            rks.append(jnp.where(j < order, (ms.log_snr(a_j, s_j) - lam_b) / h, 1.0))
+            a_j, s_j = common.alpha_sigma(common.sigma_at(sigmas, base - j))
+            rks.append(jnp.where(j < order, (common.log_snr(a_j, s_j) - lam_b) / h, 1.0))
         hh = -h if cfg.predict_x0 else h
         h_phi_1 = jnp.expm1(hh)
         b_h = hh if cfg.solver_type == "bh1" else jnp.expm1(hh)
@@ -233,11 +221,11 @@ class UniPCMultistepScheduler:
         cfg = self.config
         n = state.timesteps.shape[0]
         p = cfg.solver_order
-        i = ms.current_step_index(state, timestep)
+        i = common.current_step_index(state, timestep)
         x = sample.astype(jnp.float32)
-        history = ms.history_for(state.model_outputs, x)
+        history = common.history_for(state.model_outputs, x)
         last = state.last_sample if state.last_sample.shape == x.shape else jnp.zeros_like(x)
-        a0, s0 = ms.alpha_sigma(ms.sigma_at(state.sigmas, i))
+        a0, s0 = common.alpha_sigma(common.sigma_at(state.sigmas, i))
         m, x0 = self._convert(model_output.astype(jnp.float32), x, a0, s0)
         lon = state.lower_order_nums
 
@@ -246,7 +234,7 @@ class UniPCMultistepScheduler:
         corrected = self._update(state.sigmas, i - 1, last, history, state.this_order, model_t=m)
         x = jnp.where(use_corrector, corrected, x)
 
-        history = ms.push(history, m)
+        history = common.push(history, m)
         this_order = jnp.minimum(p, n - i) if cfg.lower_order_final else jnp.int32(p)
         this_order = jnp.minimum(this_order, lon + 1).astype(jnp.int32)
         prev = self._update(state.sigmas, i, x, history, this_order)
@@ -261,4 +249,4 @@ class UniPCMultistepScheduler:
                                       pred_original_sample=x0.astype(sample.dtype))
 
     def add_noise(self, state, original, noise, timesteps):
-        return ms.add_noise_vp(state, original, noise, timesteps)
+        return common.add_noise_vp(state, original, noise, timesteps)
