@@ -134,3 +134,20 @@ def test_bf16_model_outputs(name):
     assert bf16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(bf16)))
     assert all(leaf.dtype != jnp.bfloat16 for leaf in jax.tree.leaves(st)), "the state must stay fp32"
     assert_close(bf16, fp32, BF16_TOL, f"{name}: bf16 outputs vs fp32")
+
+
+@pytest.mark.parametrize("name", sorted(__import__("unclip_jax.schedulers", fromlist=["SCHEDULERS"]).SCHEDULERS))
+def test_invalid_step_counts_and_options_are_refused(name):
+    from unclip_jax.schedulers import SCHEDULERS, SchedulerConfigError
+
+    sched = SCHEDULERS[name].from_config({})
+    state = sched.create_state()
+    with pytest.raises(ValueError, match="num_inference_steps must be a positive integer; got 0"):
+        sched.set_timesteps(state, 0, shape=(1, 4))
+    if hasattr(sched.config, "num_train_timesteps"):
+        with pytest.raises(ValueError, match="num_inference_steps 1001 is above num_train_timesteps 1000"):
+            sched.set_timesteps(state, 1001, shape=(1, 4))
+    if hasattr(sched.config, "beta_schedule"):
+        with pytest.raises(SchedulerConfigError, match="'nope'"):
+            bad = SCHEDULERS[name].from_config({"beta_schedule": "nope"})
+            bad.set_timesteps(bad.create_state(), 5, shape=(1, 4))

@@ -75,6 +75,15 @@ class Scheduler:
         return state.replace(begin_index=jnp.asarray(begin_index, jnp.int32))
 
 
+def check_num_inference_steps(config, n, name: str) -> None:
+    """A step count must be a positive int, and (where the schedule is discrete) at most the training steps."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"{name}: num_inference_steps must be a positive integer; got {n!r}")
+    limit = getattr(config, "num_train_timesteps", None)
+    if limit is not None and n > limit:
+        raise ValueError(f"{name}: num_inference_steps {n} is above num_train_timesteps {limit}")
+
+
 def check_unsupported(config, name: str) -> None:
     """Refuses more than one sigma respacing, and the flow-matching options: they change the meaning of
     sigma (alpha = 1 - sigma), which the epsilon/v schedules of the unCLIP and depth2img checkpoints never use."""
@@ -201,8 +210,6 @@ def inference_timesteps(spacing: str, num_train_timesteps: int, num_inference_st
     "trailing" counts down from T in steps of T / n and subtracts one.
     """
     T, n = num_train_timesteps, num_inference_steps
-    if n < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {n}")
     if spacing == "linspace":
         ts = np.linspace(0, T - 1, n)
         return (ts.round() if round_linspace else ts)[::-1].copy()
@@ -214,10 +221,8 @@ def inference_timesteps(spacing: str, num_train_timesteps: int, num_inference_st
 
 
 def integer_timesteps(config: Any, n: int) -> np.ndarray:
-    """DDIM's and DDPM's n inference timesteps (the config's spacing and offset), int32 [n], descending;
-    like diffusers they refuse more steps than training had."""
-    if n > config.num_train_timesteps:
-        raise ValueError(f"num_inference_steps {n} > num_train_timesteps {config.num_train_timesteps}")
+    """DDIM's and DDPM's n inference timesteps (the config's spacing and offset), int32 [n], descending
+    (`set_timesteps` has checked n, see `check_num_inference_steps`)."""
     ts = inference_timesteps(config.timestep_spacing, config.num_train_timesteps, n, config.steps_offset)
     return ts.astype(np.int64).astype(np.int32)
 

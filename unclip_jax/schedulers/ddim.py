@@ -70,6 +70,7 @@ class DDIMScheduler(common.Scheduler):
 
     def set_timesteps(self, state: DDIMState, num_inference_steps: int, shape=None) -> DDIMState:
         """`shape` is accepted like the multistep schedulers' (which size their history with it); unused here."""
+        common.check_num_inference_steps(self.config, num_inference_steps, "DDIMScheduler")
         c = self.config
         return state.replace(
             timesteps=jnp.asarray(common.integer_timesteps(c, num_inference_steps)),

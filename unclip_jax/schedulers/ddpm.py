@@ -69,6 +69,7 @@ class DDPMScheduler(common.Scheduler):
 
     def set_timesteps(self, state: DDPMState, num_inference_steps: int, shape=None) -> DDPMState:
         """`shape` is accepted like the multistep schedulers' (which size their history with it); unused here."""
+        common.check_num_inference_steps(self.config, num_inference_steps, "DDPMScheduler")
         return state.replace(timesteps=jnp.asarray(common.integer_timesteps(self.config, num_inference_steps)))
 
     def set_begin_index(self, state: DDPMState, begin_index: int = 0) -> DDPMState:

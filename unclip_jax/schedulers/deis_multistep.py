@@ -108,6 +108,7 @@ class DEISMultistepScheduler(common.Scheduler):
 
     def set_timesteps(self, state, num_inference_steps: int, shape=None) -> DEISMultistepState:
         """`shape`: the sample shape, which sizes the output history (see DPMSolverMultistepScheduler)."""
+        common.check_num_inference_steps(self.config, num_inference_steps, "DEISMultistepScheduler")
         timesteps, sigmas = self.schedule(num_inference_steps)
         return self._state(timesteps, sigmas, shape)
 

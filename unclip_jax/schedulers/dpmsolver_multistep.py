@@ -124,6 +124,7 @@ class DPMSolverMultistepScheduler(common.Scheduler):
     def set_timesteps(self, state, num_inference_steps: int, shape=None) -> DPMSolverMultistepState:
         """`shape`: the sample shape [B, ...], which sizes the output history (needed before a
         `lax.fori_loop`; without it the first `step` sizes it)."""
+        common.check_num_inference_steps(self.config, num_inference_steps, "DPMSolverMultistepScheduler")
         timesteps, sigmas = self.schedule(num_inference_steps)
         return self._state(timesteps, sigmas, shape)
 

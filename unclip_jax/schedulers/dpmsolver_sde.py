@@ -108,6 +108,7 @@ class DPMSolverSDEScheduler(common.Scheduler):
 
     def set_timesteps(self, state, num_inference_steps: int, shape=None) -> DPMSolverSDEState:
         """`shape`: the sample shape, which sizes the stored sample (needed before a `lax.fori_loop`)."""
+        common.check_num_inference_steps(self.config, num_inference_steps, "DPMSolverSDEScheduler")
         return self._state(*self.schedule(num_inference_steps), shape)
 
     def scale_model_input(self, state, sample, timestep):

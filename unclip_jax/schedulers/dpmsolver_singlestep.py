@@ -159,6 +159,7 @@ class DPMSolverSinglestepScheduler(common.Scheduler):
 
     def set_timesteps(self, state, num_inference_steps: int, shape=None) -> DPMSolverSinglestepState:
         """`shape`: the sample shape, which sizes the stored outputs (see DPMSolverMultistepScheduler)."""
+        common.check_num_inference_steps(self.config, num_inference_steps, "DPMSolverSinglestepScheduler")
         timesteps, sigmas, orders = self.schedule(num_inference_steps)
         return self._state(timesteps, sigmas, orders, shape)
 

@@ -77,6 +77,7 @@ class EDMEulerScheduler(common.Scheduler):
 
     def set_timesteps(self, state: EDMEulerState | None, num_inference_steps: int, shape=None) -> EDMEulerState:
         """`shape` is accepted like the multistep schedulers' (which size their history with it); unused here."""
+        common.check_num_inference_steps(self.config, num_inference_steps, "EDMEulerScheduler")
         return self._state(self._sigmas(np.linspace(0, 1, num_inference_steps)))
 
     def precondition_outputs(self, sample: jax.Array, model_output: jax.Array, sigma) -> jax.Array:

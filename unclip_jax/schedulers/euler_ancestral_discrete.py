@@ -48,6 +48,7 @@ class EulerAncestralDiscreteScheduler(common.Scheduler):
     def set_timesteps(self, state: EulerAncestralDiscreteState, num_inference_steps: int,
                       shape=None) -> EulerAncestralDiscreteState:
         """`shape` is accepted like the multistep schedulers' (which size their history with it); unused here."""
+        common.check_num_inference_steps(self.config, num_inference_steps, "EulerAncestralDiscreteScheduler")
         ac = common.train_alphas_cumprod(self.config, zero_snr_last=common.ZERO_SNR_SIGMA_ABAR)
         ts, sigmas, _ = common.discrete_sigmas(self.config, ac, num_inference_steps)
         return common.sigma_state(ac, ts, np.concatenate([sigmas, [0.0]]), self.config.timestep_spacing)

@@ -70,6 +70,7 @@ class EulerDiscreteScheduler(common.Scheduler):
 
     def set_timesteps(self, state: EulerDiscreteState, num_inference_steps: int, shape=None) -> EulerDiscreteState:
         """`shape` is accepted like the multistep schedulers' (which size their history with it); unused here."""
+        common.check_num_inference_steps(self.config, num_inference_steps, "EulerDiscreteScheduler")
         c = self.config
         ac = common.train_alphas_cumprod(c, zero_snr_last=common.ZERO_SNR_SIGMA_ABAR)
         ts, sigmas, _ = common.discrete_sigmas(c, ac, num_inference_steps, sigma_min=c.sigma_min, sigma_max=c.sigma_max,

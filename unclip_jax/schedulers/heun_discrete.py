@@ -58,6 +58,7 @@ class HeunDiscreteScheduler(common.Scheduler):
 
     def set_timesteps(self, state: HeunDiscreteState | None, num_inference_steps: int, shape=None) -> HeunDiscreteState:
         """`shape` (the sample's) fixes the saved predictor's shape, as a compiled loop needs."""
+        common.check_num_inference_steps(self.config, num_inference_steps, "HeunDiscreteScheduler")
         ac = common.train_alphas_cumprod(self.config)
         ts, sigmas, _ = common.discrete_sigmas(self.config, ac, num_inference_steps)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)

@@ -59,6 +59,7 @@ class KDPM2DiscreteScheduler(common.Scheduler):
 
     def set_timesteps(self, state, num_inference_steps: int, shape=None) -> KDPM2DiscreteState:
         """`shape` (the sample's) fixes the saved sample's shape, as a compiled loop needs."""
+        common.check_num_inference_steps(self.config, num_inference_steps, "KDPM2DiscreteScheduler")
         c = self.config
         ac = common.train_alphas_cumprod(c)
         ts, sigmas, log_sigmas = common.discrete_sigmas(c, ac, num_inference_steps)

@@ -99,6 +99,7 @@ class LMSDiscreteScheduler(common.Scheduler):
 
     def set_timesteps(self, state: LMSDiscreteState | None, num_inference_steps: int, shape=None) -> LMSDiscreteState:
         """`shape` (the sample's) fixes the derivative history's shape, as a compiled loop needs."""
+        common.check_num_inference_steps(self.config, num_inference_steps, "LMSDiscreteScheduler")
         ac = common.train_alphas_cumprod(self.config)
         ts, sigmas, _ = common.discrete_sigmas(self.config, ac, num_inference_steps)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)

@@ -79,6 +79,7 @@ class PNDMScheduler(common.Scheduler):
     def set_timesteps(self, state: PNDMState, num_inference_steps: int, shape=None) -> PNDMState:
         """`shape` is the sample's shape: give it to run `step` inside a compiled loop (the history
         buffers must have a fixed shape); without it they are shaped at the first step."""
+        common.check_num_inference_steps(self.config, num_inference_steps, "PNDMScheduler")
         c = self.config
         n, T = num_inference_steps, c.num_train_timesteps
         # PNDM builds on ascending timesteps; the spacings are those of DDIM reversed.

@@ -26,7 +26,8 @@ class UnCLIPConfig:
 
     def __post_init__(self):
         if self.beta_schedule != "squaredcos_cap_v2":
-            raise common.SchedulerConfigError("UnCLIP: only beta_schedule 'squaredcos_cap_v2' is supported")
+            raise common.SchedulerConfigError(
+                f"UnCLIP: beta_schedule {self.beta_schedule!r} is not supported (only 'squaredcos_cap_v2')")
         if self.variance_type not in ("fixed_small_log", "learned_range"):
             raise common.SchedulerConfigError(f"UnCLIP: variance_type {self.variance_type!r} is not supported")
         if self.prediction_type not in ("epsilon", "sample"):
@@ -59,6 +60,7 @@ class UnCLIPScheduler(common.Scheduler):
     def set_timesteps(self, state: UnCLIPState, num_inference_steps: int, shape=None) -> UnCLIPState:
         """n timesteps from T-1 down to 0 inclusive, evenly strided (needs n >= 2, as in diffusers); `shape` is
         accepted like the multistep schedulers' and unused."""
+        common.check_num_inference_steps(self.config, num_inference_steps, "UnCLIPScheduler")
         if num_inference_steps < 2:
             raise ValueError("UnCLIPScheduler needs num_inference_steps >= 2 (its stride is (T - 1) / (n - 1))")
         ratio = (self.config.num_train_timesteps - 1) / (num_inference_steps - 1)
