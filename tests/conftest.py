@@ -54,6 +54,38 @@ def pipeline_dirs(fixture_dir):
     return get
 
 
+_PAIRS = {
+    "unclip": ("StableUnCLIPPipeline", "StableUnCLIPPipeline"),
+    "unclip_img2img": ("StableUnCLIPImg2ImgPipeline", "StableUnCLIPImg2ImgPipeline"),
+    "depth2img": ("StableDiffusionDepth2ImgPipeline", "StableDiffusionDepth2ImgPipeline"),
+}
+
+
+@pytest.fixture(scope="session")
+def pipeline_pairs(pipeline_dirs):
+    """`pipeline_pairs(kind, shape)` -> (diffusers pipeline, our pipeline, our params) loaded from the same
+    fixture folder, once per session."""
+    cache: dict = {}
+
+    def get(kind: str, shape: str = "a"):
+        if (kind, shape) not in cache:
+            import diffusers
+
+            import unclip_jax
+
+            folder = str(pipeline_dirs(kind, shape))
+            ref_name, our_name = _PAIRS[kind]
+            ref = getattr(diffusers, ref_name).from_pretrained(folder)
+            ref.set_progress_bar_config(disable=True)
+            # diffusers 0.42 reaches for `text_encoder.text_model` under clip_skip, which transformers v5's
+            # flat CLIPTextModel lacks: alias it (outside torch's module registry) so the reference runs.
+            object.__setattr__(ref.text_encoder, "text_model", ref.text_encoder)
+            cache[kind, shape] = (ref, *getattr(unclip_jax, our_name).from_pretrained(folder))
+        return cache[kind, shape]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def unclip_pipeline_dir(pipeline_dirs) -> Path:
     return pipeline_dirs("unclip")

@@ -19,24 +19,8 @@ HW = (32, 48)
 
 
 @pytest.fixture(scope="module")
-def depth_shapes(pipeline_dirs):
-    import diffusers
-
-    cache = {}
-
-    def get(shape):
-        if shape not in cache:
-            folder = pipeline_dirs("depth2img", shape)
-            ref = diffusers.StableDiffusionDepth2ImgPipeline.from_pretrained(str(folder))
-            ref.set_progress_bar_config(disable=True)
-            cache[shape] = (ref, *StableDiffusionDepth2ImgPipeline.from_pretrained(str(folder)))
-        return cache[shape]
-    return get
-
-
-@pytest.fixture(scope="module")
-def depth2img(depth_shapes):
-    return depth_shapes("a")
+def depth2img(pipeline_pairs):
+    return pipeline_pairs("depth2img", "a")
 
 
 def _image(seed, hw=HW):
@@ -101,8 +85,8 @@ CASES = {
 
 
 @pytest.mark.parametrize("shape, case", [(s, c) for s in "ab" for c in CASES])
-def test_parity(depth_shapes, shape, case):
-    ref, pipe, params = depth_shapes(shape)
+def test_parity(pipeline_pairs, shape, case):
+    ref, pipe, params = pipeline_pairs("depth2img", shape)
     kw = dict(CASES[case])
     n_images = kw.pop("images", 1)
     image = _image(1) if n_images == 1 else [_image(i + 1) for i in range(n_images)]

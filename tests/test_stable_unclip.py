@@ -8,10 +8,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from torch_ref import feed_noise, nchw_to_nhwc, nhwc_to_nchw
+from torch_ref import feed_noise, nhwc_to_nchw
 
 import unclip_jax as uj
-from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline, StableUnCLIPPipeline
+from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline
 
 TOL = 2e-3  # max abs on images in [0, 1], fp32
 
@@ -20,32 +20,9 @@ def _t(x):
     return torch.from_numpy(np.asarray(x, np.float32))
 
 
-def _unclip(folder):
-    import diffusers
-
-    ref = diffusers.StableUnCLIPPipeline.from_pretrained(str(folder))
-    ref.set_progress_bar_config(disable=True)
-    # diffusers 0.42 reaches for `text_encoder.text_model` under clip_skip, which transformers v5's flat
-    # CLIPTextModel lacks: alias it (outside torch's module registry) so the reference runs.
-    object.__setattr__(ref.text_encoder, "text_model", ref.text_encoder)
-    pipe, params = StableUnCLIPPipeline.from_pretrained(str(folder))
-    return ref, pipe, params
-
-
 @pytest.fixture(scope="module")
-def unclip_shapes(pipeline_dirs):
-    cache = {}
-
-    def get(shape):
-        if shape not in cache:
-            cache[shape] = _unclip(pipeline_dirs("unclip", shape))
-        return cache[shape]
-    return get
-
-
-@pytest.fixture(scope="module")
-def unclip(unclip_shapes):
-    return unclip_shapes("a")
+def unclip(pipeline_pairs):
+    return pipeline_pairs("unclip", "a")
 
 
 CASES = {
@@ -62,8 +39,8 @@ CASES = {
 
 @pytest.mark.parametrize("shape, case", [("a", c) for c in CASES] + [("b", "negative_two_per_prompt"),
                                                                        ("b", "clip_skip_eta")])
-def test_txt2img_parity(unclip_shapes, shape, case):
-    ref, pipe, params = unclip_shapes(shape)
+def test_txt2img_parity(pipeline_pairs, shape, case):
+    ref, pipe, params = pipeline_pairs("unclip", shape)
     kw = dict(CASES[case])
     prompts = [kw["prompt"]] if isinstance(kw["prompt"], str) else kw["prompt"]
     b = len(prompts) * kw.get("num_images_per_prompt", 1)
@@ -153,24 +130,8 @@ def test_errors_before_work(unclip):
 
 
 @pytest.fixture(scope="module")
-def img2img_shapes(pipeline_dirs):
-    import diffusers
-
-    cache = {}
-
-    def get(shape):
-        if shape not in cache:
-            folder = pipeline_dirs("unclip_img2img", shape)
-            ref = diffusers.StableUnCLIPImg2ImgPipeline.from_pretrained(str(folder))
-            ref.set_progress_bar_config(disable=True)
-            cache[shape] = (ref, *StableUnCLIPImg2ImgPipeline.from_pretrained(str(folder)))
-        return cache[shape]
-    return get
-
-
-@pytest.fixture(scope="module")
-def img2img(img2img_shapes):
-    return img2img_shapes("a")
+def img2img(pipeline_pairs):
+    return pipeline_pairs("unclip_img2img", "a")
 
 
 def _image(seed, hw=(40, 48), mode="RGB"):
@@ -187,8 +148,8 @@ I2I_CASES = {
 
 
 @pytest.mark.parametrize("shape, case", [("a", c) for c in I2I_CASES] + [("b", "two_per_prompt_negative")])
-def test_img2img_parity(img2img_shapes, shape, case):
-    ref, pipe, params = img2img_shapes(shape)
+def test_img2img_parity(pipeline_pairs, shape, case):
+    ref, pipe, params = pipeline_pairs("unclip_img2img", shape)
     kw = dict(I2I_CASES[case])
     n = kw.get("num_images_per_prompt", 1)
     rng = np.random.RandomState(7)
@@ -243,7 +204,6 @@ def test_save_and_reload_gives_same_images(img2img, tmp_path):
     kw = dict(key=jax.random.key(4), height=32, width=32, num_inference_steps=2, output_type="np", noise_level=3)
     np.testing.assert_array_equal(pipe(_image(5), params=params, **kw).images,
                                   pipe2(_image(5), params=params2, **kw).images)
-    _ = nchw_to_nhwc
 
 
 def test_second_call_compiles_nothing_and_progress_bar(unclip, capsys):
