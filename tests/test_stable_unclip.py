@@ -73,8 +73,8 @@ def test_txt2img_parity(pipeline_pairs, shape, case):
     assert err <= TOL, f"max abs error {err:.3g}"
 
 
-def test_prompt_embeds_given(unclip):
-    """prompt_embeds feed the decoder (the prior still reads the prompt, as in diffusers)."""
+def test_txt2img_prompt_embeds_need_the_prompt_alone(unclip):
+    """As in diffusers, text-to-image takes `prompt` (the prior reads it) and refuses `prompt_embeds` beside it."""
     ref, pipe, params = unclip
     ids, _ = uj.tokenize(pipe.tokenizer, ["a cat"])
     embeds = pipe.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
@@ -228,3 +228,35 @@ def test_guidance_argument_types(unclip):
         pipe("x", prior_guidance_scale=None, **kw)
     with pytest.raises(ValueError, match="num_inference_steps must be a positive integer; got 0"):
         pipe("x", num_inference_steps=0, **kw)
+
+
+def test_img2img_prompt_embeds_given(img2img):
+    """Given prompt and negative prompt embeddings (clip_skip applied by us when encoding them) match
+    diffusers fed the same embeddings."""
+    ref, pipe, params = img2img
+    ids, _ = uj.tokenize(pipe.tokenizer, ["a cat", "a dog"])
+    nids, _ = uj.tokenize(pipe.tokenizer, ["", "blurry"])
+    enc = pipe.text_encoder.apply
+    pe = np.asarray(enc({"params": params["text_encoder"]}, ids, clip_skip=1).last_hidden_state)
+    npe = np.asarray(enc({"params": params["text_encoder"]}, nids).last_hidden_state)
+    rng = np.random.RandomState(11)
+    embeds, noise = rng.randn(2, 32).astype(np.float32), rng.randn(2, 32).astype(np.float32)
+    latents = rng.randn(2, 16, 16, 4).astype(np.float32)
+    kw = dict(height=32, width=32, num_inference_steps=2, guidance_scale=4.0, noise_level=7, output_type="np")
+    with feed_noise(["diffusers.pipelines.stable_diffusion.pipeline_stable_unclip_img2img"], [_t(noise)]):
+        expected = ref(image_embeds=_t(embeds), prompt_embeds=_t(pe), negative_prompt_embeds=_t(npe),
+                       latents=nhwc_to_nchw(latents), **kw).images
+    out = pipe(image_embeds=embeds, prompt_embeds=pe, negative_prompt_embeds=npe, params=params,
+               key=jax.random.key(0), latents=latents, image_embeds_noise=noise, **kw).images
+    assert float(np.abs(out - expected).max()) <= TOL
+
+
+def test_callback_sees_every_step(unclip):
+    _, pipe, params = unclip
+    seen = []
+    pipe("a cat", params=params, key=jax.random.key(0), height=32, width=32, num_inference_steps=4,
+         prior_num_inference_steps=3, output_type="latent", callback=lambda i, t, x: seen.append((i, t, x.shape)),
+         callback_steps=2)
+    # Prior steps 0 and 2 (of 3) on [1, 32] embeddings, then decoder steps 0 and 2 (of 4) on latents.
+    assert [(i, s) for i, _, s in seen] == [(0, (1, 32)), (2, (1, 32)), (0, (1, 16, 16, 4)), (2, (1, 16, 16, 4))]
+    assert seen[0][1] > seen[1][1] and seen[2][1] > seen[3][1]  # timesteps count down
