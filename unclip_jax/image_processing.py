@@ -53,6 +53,24 @@ def image_list(images: Any, what: str = "image") -> list:
     raise TypeError(f"{what}: expected a PIL image, a list of them, or an array [B, H, W, C]; got {type(images).__name__}")
 
 
+def to_rgb_float(image) -> np.ndarray:
+    """One image -> float32 [H, W, 3] in [0, 1]; transparency is composited onto white, gray is repeated.
+
+    PIL images and uint8 arrays are divided by 255; float arrays must already lie in [0, 1].
+    """
+    if isinstance(image, PIL.Image.Image) or np.asarray(image).dtype == np.uint8:
+        return to_rgb_uint8(image).astype(np.float32) / np.float32(255)
+    x = np.asarray(image)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"an array image must be uint8 or float in [0, 1]; got {x.dtype}")
+    x = x.astype(np.float32)
+    if x.size and (np.isnan(x).any() or x.min() < 0.0 or x.max() > 1.0):
+        raise ValueError(f"a float image must lie in [0, 1]; got values in [{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]")
+    if x.shape[-1] == 4:
+        x = x[..., 3:] * x[..., :3] + (1 - x[..., 3:])
+    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x[..., :3]
+
+
 def to_rgb_uint8(image) -> np.ndarray:
     """One image -> uint8 [H, W, 3]; transparency is composited onto white, gray is repeated.
 
@@ -66,18 +84,9 @@ def to_rgb_uint8(image) -> np.ndarray:
             return np.array(PIL.Image.alpha_composite(white, rgba).convert("RGB"))
         return np.array(image.convert("RGB"))
     arr = np.asarray(image)
-    if np.issubdtype(arr.dtype, np.floating):
-        if arr.size and (np.nanmin(arr) < 0.0 or np.nanmax(arr) > 1.0 or np.isnan(arr).any()):
-            raise ValueError(
-                f"a float image must lie in [0, 1]; got values in [{np.nanmin(arr):.3g}, {np.nanmax(arr):.3g}]"
-            )
-        if arr.shape[-1] == 4:
-            a = arr[..., 3:4]
-            arr = np.concatenate([a * arr[..., :3] + (1 - a), a], axis=-1)
-        arr = (arr.astype(np.float64) * 255).astype(np.uint8)
-    elif arr.dtype != np.uint8:
-        raise ValueError(f"an integer image must be uint8; got {arr.dtype}")
-    elif arr.shape[-1] == 4:
+    if arr.dtype != np.uint8:
+        return (to_rgb_float(arr).astype(np.float64) * 255).astype(np.uint8)
+    if arr.shape[-1] == 4:
         a = arr[..., 3:4].astype(np.float64) / 255
         arr = np.round(a * arr[..., :3] + (1 - a) * 255).astype(np.uint8)
     if arr.shape[-1] == 1:

@@ -21,7 +21,7 @@ import numpy as np
 import PIL.Image
 from jax.experimental import io_callback
 
-from unclip_jax.image_processing import image_list, to_rgb_uint8
+from unclip_jax.image_processing import image_list, to_rgb_float
 from unclip_jax.pipelines.common import (
     ImagePipelineOutput,
     batch_size_of,
@@ -79,21 +79,6 @@ def resize_bicubic(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 # Inputs
 
 
-def _rgb_float(image) -> np.ndarray:
-    """One image -> float32 [H, W, 3] in [0, 1]. Float arrays stay float (no uint8 round trip)."""
-    if isinstance(image, PIL.Image.Image) or np.asarray(image).dtype == np.uint8:
-        return to_rgb_uint8(image).astype(np.float32) / np.float32(255)
-    x = np.asarray(image)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"an array image must be uint8 or float in [0, 1]; got {x.dtype}")
-    x = x.astype(np.float32)
-    if x.size and (np.isnan(x).any() or x.min() < 0 or x.max() > 1):
-        raise ValueError(f"a float image must lie in [0, 1]; got values in [{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]")
-    if x.shape[-1] == 4:  # transparency onto white, as for PIL images
-        x = x[..., 3:] * x[..., :3] + (1 - x[..., 3:])
-    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
-
-
 def _nearest(x: np.ndarray, height: int, width: int) -> np.ndarray:
     """[H, W, C] -> [height, width, C], PyTorch's default (nearest) interpolate."""
     def idx(n_in, n_out):
@@ -113,9 +98,9 @@ def vae_pixels(images: list, factor: int) -> np.ndarray:
         if isinstance(im, PIL.Image.Image):
             if h % factor or w % factor:
                 im = im.resize((w - w % factor, h - h % factor), resample=PIL.Image.LANCZOS)
-            x = _rgb_float(im)
+            x = to_rgb_float(im)
         else:
-            x = _rgb_float(im)
+            x = to_rgb_float(im)
             if h % factor or w % factor:
                 x = _nearest(x, h - h % factor, w - w % factor)
         out.append(x)
@@ -129,7 +114,7 @@ def _dpt_input(image):
     arrays in [0, 1] as uint8 by rounding (transformers would truncate them and divide by 255 twice)."""
     if isinstance(image, PIL.Image.Image) or np.asarray(image).dtype == np.uint8:
         return image
-    return np.round(_rgb_float(image) * 255).astype(np.uint8)
+    return np.round(to_rgb_float(image) * 255).astype(np.uint8)
 
 
 def depth_array(depth_map) -> np.ndarray:
