@@ -332,6 +332,17 @@ def init_noise_sigma_of(sigmas: np.ndarray, spacing: str) -> np.ndarray:
     return np.float32((top**2 + np.float32(1)) ** np.float32(0.5))
 
 
+def kdpm2_sigmas(config: Any, n: int):
+    """KDPM2's (and KDPM2-ancestral's) schedule before interleaving: (alphas_cumprod [T], timesteps [n],
+    sigmas [n + 1] float32 ending in 0, log training sigmas). diffusers rounds the Karras timesteps (only)
+    for these two schedulers."""
+    ac = train_alphas_cumprod(config)
+    ts, sigmas, log_sigmas = discrete_sigmas(config, ac, n)
+    if config.use_karras_sigmas:
+        ts = np.round(ts)
+    return ac, np.asarray(ts), np.concatenate([sigmas, [0.0]]).astype(np.float32), log_sigmas
+
+
 def log_midpoints(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """KDPM2's log-sigma midpoints exp((log a + log b) / 2), float32 with torch.lerp's rounding at weight 1/2
     (end - (end - start) / 2); a zero end gives 0, and 0 with 0 NaN, as in diffusers (never used entries)."""

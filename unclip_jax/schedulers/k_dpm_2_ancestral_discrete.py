@@ -62,11 +62,7 @@ class KDPM2AncestralDiscreteScheduler(common.Scheduler):
         """`shape` (the sample's) fixes the saved sample's shape, as a compiled loop needs."""
         common.check_num_inference_steps(self.config, num_inference_steps, "KDPM2AncestralDiscreteScheduler")
         c = self.config
-        ac = common.train_alphas_cumprod(c)
-        ts, sigmas, log_sigmas = common.discrete_sigmas(c, ac, num_inference_steps)
-        if c.use_karras_sigmas:
-            ts = np.round(ts)  # diffusers rounds the Karras timesteps (only) for this scheduler
-        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        ac, ts, sigmas, log_sigmas = common.kdpm2_sigmas(c, num_inference_steps)
         nxt = np.concatenate([sigmas[1:], [0.0]]).astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             # The last entry is 0/0 = NaN, as in diffusers; it is never used.
@@ -76,7 +72,6 @@ class KDPM2AncestralDiscreteScheduler(common.Scheduler):
         mids = common.log_midpoints(sigmas, down)
         mids[-2:] = 0.0
         ts_mid = common.sigma_to_t(mids, log_sigmas)
-        ts = np.asarray(ts)
         ts = np.concatenate([ts[:1], np.stack([ts_mid[:-2], ts[1:]], axis=-1).reshape(-1)]).astype(np.float32)
         return KDPM2AncestralDiscreteState(
             alphas_cumprod=jnp.asarray(ac),

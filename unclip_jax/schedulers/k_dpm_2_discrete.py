@@ -61,14 +61,9 @@ class KDPM2DiscreteScheduler(common.Scheduler):
         """`shape` (the sample's) fixes the saved sample's shape, as a compiled loop needs."""
         common.check_num_inference_steps(self.config, num_inference_steps, "KDPM2DiscreteScheduler")
         c = self.config
-        ac = common.train_alphas_cumprod(c)
-        ts, sigmas, log_sigmas = common.discrete_sigmas(c, ac, num_inference_steps)
-        if c.use_karras_sigmas:
-            ts = np.round(ts)  # diffusers rounds the Karras timesteps (only) for this scheduler
-        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        ac, ts, sigmas, log_sigmas = common.kdpm2_sigmas(c, num_inference_steps)
         mids = common.log_midpoints(sigmas, np.roll(sigmas, 1))
         ts_mid = common.sigma_to_t(mids, log_sigmas)
-        ts = np.asarray(ts)
         ts = np.concatenate([ts[:1], np.stack([ts_mid[1:-1], ts[1:]], axis=-1).reshape(-1)]).astype(np.float32)
         return KDPM2DiscreteState(
             alphas_cumprod=jnp.asarray(ac),
