@@ -115,6 +115,18 @@ def guide(pred: jax.Array, guidance_scale) -> jax.Array:
     return uncond + guidance_scale * (cond - uncond)
 
 
+def check_real(value, name: str) -> None:
+    """A guidance-like argument must be a real number (TypeError naming it otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+
+
+def check_count(value, name: str) -> None:
+    """A step or image count must be a positive int (ValueError naming it otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
 def check_random_input(x, shape: tuple, name: str):
     """A supplied random draw as a float32 array of exactly `shape`, or a ValueError naming it."""
     if x is None:

@@ -25,8 +25,10 @@ from unclip_jax.image_processing import image_list, to_rgb_float
 from unclip_jax.pipelines.common import (
     ImagePipelineOutput,
     batch_size_of,
+    check_count,
     check_output_type,
     check_random_input,
+    check_real,
     encode_prompt,
     guide,
     postprocess,
@@ -312,10 +314,9 @@ class StableDiffusionDepth2ImgPipeline(PipelineBase):
         check_output_type(output_type)
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1]; got {strength}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
-            raise ValueError(f"num_inference_steps must be a positive integer; got {num_inference_steps!r}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt <= 0:
-            raise ValueError(f"num_images_per_prompt must be a positive integer; got {num_images_per_prompt!r}")
+        check_count(num_inference_steps, "num_inference_steps")
+        check_count(num_images_per_prompt, "num_images_per_prompt")
+        check_real(guidance_scale, "guidance_scale")
         tensor_inputs = tuple(callback_on_step_end_tensor_inputs or ())
         bad = [k for k in tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
         if bad:

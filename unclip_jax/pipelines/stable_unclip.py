@@ -23,8 +23,10 @@ from unclip_jax.models.layers import timestep_embedding
 from unclip_jax.pipelines.common import (
     ImagePipelineOutput,
     batch_size_of,
+    check_count,
     check_output_type,
     check_random_input,
+    check_real,
     encode_prompt,
     guide,
     postprocess,
@@ -38,16 +40,6 @@ from unclip_jax.tokenizer import tokenize
 
 DECODER_COMPONENTS = ("image_normalizer", "image_noising_scheduler", "tokenizer", "text_encoder", "unet",
                       "scheduler", "vae")
-
-
-def _check_real(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number; got {type(value).__name__}")
-
-
-def _check_count(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
 
 class _UnCLIPDecoder(PipelineBase):
@@ -64,13 +56,12 @@ class _UnCLIPDecoder(PipelineBase):
 
     def _check_decoder_args(self, height, width, callback_steps, noise_level, output_type, guidance_scale,
                             num_inference_steps):
-        _check_real(guidance_scale, "guidance_scale")
-        _check_count(num_inference_steps, "num_inference_steps")
+        check_real(guidance_scale, "guidance_scale")
+        check_count(num_inference_steps, "num_inference_steps")
         f = self.vae_scale_factor
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of {f}; got {height} and {width}")
-        if not isinstance(callback_steps, int) or callback_steps <= 0:
-            raise ValueError(f"callback_steps must be a positive integer; got {callback_steps!r}")
+        check_count(callback_steps, "callback_steps")
         n_train = self.image_noising_scheduler.config.num_train_timesteps
         if not 0 <= int(noise_level) < n_train:
             raise ValueError(f"noise_level must be in [0, {n_train - 1}]; got {noise_level}")
@@ -226,9 +217,9 @@ class StableUnCLIPPipeline(_UnCLIPDecoder):
         width = width or self.unet.config.sample_size * f
         self._check_decoder_args(height, width, callback_steps, noise_level, output_type, guidance_scale,
                                  num_inference_steps)
-        _check_real(prior_guidance_scale, "prior_guidance_scale")
-        _check_count(prior_num_inference_steps, "prior_num_inference_steps")
-        _check_count(num_images_per_prompt, "num_images_per_prompt")
+        check_real(prior_guidance_scale, "prior_guidance_scale")
+        check_count(prior_num_inference_steps, "prior_num_inference_steps")
+        check_count(num_images_per_prompt, "num_images_per_prompt")
         batch = batch_size_of(prompt, prompt_embeds) * num_images_per_prompt
         if prompt is None:
             raise ValueError("prompt is needed: the prior is conditioned on it (prompt_embeds only feed the decoder)")
@@ -333,7 +324,7 @@ class StableUnCLIPImg2ImgPipeline(_UnCLIPDecoder):
         width = width or self.unet.config.sample_size * f
         self._check_decoder_args(height, width, callback_steps, noise_level, output_type, guidance_scale,
                                  num_inference_steps)
-        _check_count(num_images_per_prompt, "num_images_per_prompt")
+        check_count(num_images_per_prompt, "num_images_per_prompt")
         if prompt_embeds is not None and prompt == "":
             prompt = None  # the default prompt yields to given embeddings
         batch = batch_size_of(prompt, prompt_embeds) * num_images_per_prompt
