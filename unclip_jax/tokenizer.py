@@ -99,3 +99,34 @@ def tokenize(tokenizer, prompt, what: str = "prompt") -> tuple[np.ndarray, np.nd
     prompts = check_prompt(prompt, what)
     enc = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
     return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32)
+
+
+def maybe_convert_prompt(prompt, tokenizer):
+    """Spells out multi-vector textual-inversion tokens, as diffusers' pipelines do before tokenizing:
+    a token `tok` added with vectors `tok`, `tok_1`, ..., `tok_{n-1}` becomes "tok tok_1 ... tok_{n-1}".
+    A string stays a string, a list a list; prompts without such tokens come back unchanged."""
+    if not isinstance(prompt, str):
+        return [maybe_convert_prompt(p, tokenizer) for p in prompt]
+    added = tokenizer.added_tokens_encoder
+    for token in set(tokenizer.tokenize(prompt)):
+        if token in added:
+            extra, i = [], 1
+            while f"{token}_{i}" in added:
+                extra.append(f"{token}_{i}")
+                i += 1
+            # Plain substring replacement, as diffusers does it (its results are the reference).
+            prompt = prompt.replace(token, " ".join([token, *extra]))
+    return prompt
+
+
+def add_tokens(tokenizer, tokens: Sequence[str]) -> list[int]:
+    """Adds new tokens to a tokenizer (in place) and returns their ids; a token already in the vocabulary
+    (or given twice) is refused with a ValueError naming it, before anything is added."""
+    vocab = tokenizer.get_vocab()
+    seen: set[str] = set()
+    for token in tokens:
+        if token in vocab or token in seen:
+            raise ValueError(f"token {token!r} is already in the tokenizer's vocabulary; choose another token")
+        seen.add(token)
+    tokenizer.add_tokens(list(tokens))
+    return [int(i) for i in tokenizer.convert_tokens_to_ids(list(tokens))]

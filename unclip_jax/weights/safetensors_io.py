@@ -50,11 +50,8 @@ class TensorInfo:
     end: int
 
 
-def read_header(path: str) -> dict[str, TensorInfo]:
-    """Parses a safetensors header and checks that every tensor lies inside the file.
-
-    Raises CheckpointError naming `path` when the file is truncated, not safetensors, or inconsistent.
-    """
+def _raw_header(path: str) -> tuple[dict, int, int]:
+    """(the header's JSON object, the header length, the file size), or a CheckpointError naming `path`."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -75,6 +72,20 @@ def read_header(path: str) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header, n, size
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    """The header's `__metadata__` (string to string; empty when absent), without reading tensor data."""
+    return dict(_raw_header(path)[0].get("__metadata__") or {})
+
+
+def read_header(path: str) -> dict[str, TensorInfo]:
+    """Parses a safetensors header and checks that every tensor lies inside the file.
+
+    Raises CheckpointError naming `path` when the file is truncated, not safetensors, or inconsistent.
+    """
+    header, n, size = _raw_header(path)
     base = 8 + n
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
