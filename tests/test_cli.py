@@ -1,45 +1,266 @@
-"""The `unclip-jax` command as a user runs it: the README's main job, and one-line errors."""
+"""The `unclip-jax` command as a user runs it: every subcommand in a subprocess on tiny checkpoints, and
+user mistakes ending as one line on stderr with exit status 2.
+
+Each generating subprocess pays JAX start-up and compilation, so the four runs start together in one
+module fixture and the tests read their results; the mistakes (caught before any model work, or right
+after loading) run in-process through `cli.main`, with two of them also as subprocesses.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import pytest
 
+from unclip_jax import cli
+from unclip_jax.schedulers import SCHEDULERS
+from unclip_jax.tiny import write_tiny
 
-def _run(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "unclip_jax.cli", *args], capture_output=True, text=True,
-                          timeout=600, **kw)
+# Fewer XLA optimisations: compilation is most of a tiny run's time, and these tests are about the command.
+_ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
 
 
-def test_tiny_checkpoint_text_to_png(tmp_path):
-    """`unclip-jax tiny` then `unclip-jax txt2img`: a PNG carrying its generation parameters, no torch."""
-    r = _run("tiny", str(tmp_path / "tiny"))
+def _command(*args) -> list[str]:
+    return [sys.executable, "-m", "unclip_jax.cli", *map(str, args)]
+
+
+def _run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(*args), capture_output=True, text=True, timeout=600, env=_ENV)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """Tiny checkpoints of the three pipelines (the unCLIP one through `unclip-jax tiny`) and input images."""
+    root = tmp_path_factory.mktemp("cli")
+    r = _run("tiny", root / "unclip")
     assert r.returncode == 0, r.stderr
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    r = _run("txt2img", "a photo of a cat", "--model", str(tmp_path / "tiny"), "--steps", "2", "--prior-steps", "2",
-             "--noise-level", "5", "--count", "2", "--out", str(tmp_path / "out"), env=env)
+    assert r.stdout.strip() == str(root / "unclip")
+    for kind in ("unclip_img2img", "depth2img"):
+        write_tiny(kind, str(root / kind))
+    _karlo_layout(root / "unclip", root / "karlo")
+    rng = np.random.default_rng(0)
+    PIL.Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(root / "photo.png")
+    # A depth map saved in color (gray values in RGB): read as its luminance. Near (bright) at the right.
+    ramp = np.tile(np.linspace(0, 255, 48), (40, 1)).round().astype(np.uint8)
+    PIL.Image.fromarray(np.stack([ramp] * 3, axis=-1)).save(root / "depth_rgb.png")
+    (root / "broken.png").write_text("not an image")
+    # An output folder that already holds numbered images: new ones are numbered on, nothing overwritten.
+    (root / "out_txt2img").mkdir()
+    PIL.Image.new("RGB", (4, 4)).save(root / "out_txt2img" / "00007-old.png")
+    return root
+
+
+def _karlo_layout(unclip: Path, out: Path) -> None:
+    """The tiny unCLIP checkpoint's prior, laid out as Karlo's UnCLIPPipeline folder (kakaobrain/karlo-v1-alpha):
+    tokenizer, text_encoder, prior and an UnCLIPScheduler prior_scheduler."""
+    out.mkdir()
+    for theirs, ours in (("tokenizer", "prior_tokenizer"), ("text_encoder", "prior_text_encoder"), ("prior", "prior")):
+        shutil.copytree(unclip / ours, out / theirs)
+    index = json.loads((unclip / "model_index.json").read_text())
+    (out / "model_index.json").write_text(json.dumps({
+        "_class_name": "UnCLIPPipeline", "tokenizer": index["prior_tokenizer"], "text_encoder": index["prior_text_encoder"],
+        "prior": index["prior"], "prior_scheduler": ["diffusers", "UnCLIPScheduler"]}))
+    (out / "prior_scheduler").mkdir()
+    (out / "prior_scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "UnCLIPScheduler", "clip_sample": True, "clip_sample_range": 5.0, "num_train_timesteps": 1000,
+        "prediction_type": "sample", "variance_type": "fixed_small_log"}))
+
+
+@pytest.fixture(scope="module")
+def runs(root) -> dict[str, subprocess.CompletedProcess]:
+    """The generating commands, started together: name -> finished process."""
+    commands = {
+        "txt2img": ("txt2img", "a photo of a cat", "--model", root / "unclip", "--steps", 2, "--prior-steps", 2,
+                    "--noise-level", 5, "--count", 2, "--scheduler", "euler-a", "--negative-prompt", "blurry",
+                    "--seed", 3, "--out", root / "out_txt2img"),
+        # The real recipe's shape: an image-variation checkpoint's decoder with Karlo's prior.
+        "txt2img_prior": ("txt2img", "a photo of a cat", "--model", root / "unclip_img2img", "--prior", root / "karlo",
+                          "--steps", 2, "--prior-steps", 2, "--guidance", 1, "--out", root / "out_prior"),
+        "variation": ("variation", "--image", root / "photo.png", "--model", root / "unclip_img2img", "--steps", 2,
+                      "--noise-level", 100, "--size", 16, "--guidance", 1, "--progress", "--out", root / "out_var"),
+        "depth2img": ("depth2img", "a dog", "--image", root / "photo.png", "--model", root / "depth2img",
+                      "--steps", 4, "--strength", 0.5, "--height", 32, "--width", 40, "--save-depth",
+                      "--out", root / "out_depth"),
+        "depth2img_map": ("depth2img", "a dog", "--image", root / "photo.png", "--model", root / "depth2img",
+                          "--steps", 2, "--depth-map", root / "depth_rgb.png", "--save-depth", "--scheduler",
+                          "DDIMScheduler", "--dtype", "bf16", "--out", root / "out_depth_map"),
+    }
+    procs = {name: subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=_ENV) for name, args in commands.items()}
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=600)
+        out[name] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    return out
+
+
+def _finished(runs, name: str) -> list[str]:
+    r = runs[name]
     assert r.returncode == 0, r.stderr
-    paths = r.stdout.split()
-    assert len(paths) == 2
-    image = PIL.Image.open(paths[0])
-    assert image.size == (32, 32) and image.mode == "RGB"
-    meta = json.loads(image.text["parameters"])
-    assert meta["prompt"] == "a photo of a cat" and meta["steps"] == 2 and meta["noise_level"] == 5
+    assert "Traceback" not in r.stderr
+    return r.stdout.split()
 
 
-@pytest.mark.parametrize("args, message", [
-    (("txt2img", "x", "--model", "/nonexistent/model"), "/nonexistent/model: no such pipeline folder"),
-    (("txt2img", "x", "--model", ".", "--size", "30"), "--size must be a positive multiple of 8"),
-])
-def test_user_errors_are_one_line(args, message):
+def _meta(path: str) -> dict:
+    return json.loads(PIL.Image.open(path).text["parameters"])
+
+
+def test_txt2img(root, runs):
+    paths = _finished(runs, "txt2img")
+    out = root / "out_txt2img"
+    assert paths == [str(out / "00008-txt2img-3.png"), str(out / "00009-txt2img-3.png")]
+    images = [PIL.Image.open(p) for p in paths]
+    assert all(im.size == (32, 32) and im.mode == "RGB" for im in images)
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))  # two latents, two images
+    meta = _meta(paths[1])
+    assert meta["prompt"] == "a photo of a cat" and meta["negative_prompt"] == "blurry"
+    assert (meta["steps"], meta["prior_steps"], meta["noise_level"], meta["seed"], meta["count"]) == (2, 2, 5, 3, 2)
+    assert meta["scheduler"] == "EulerAncestralDiscreteScheduler" and meta["index"] == 1
+    assert meta["model"] == str(root / "unclip") and meta["command"] == "txt2img"
+    assert images[0].text["Software"].startswith("unclip-jax ")
+
+
+def test_txt2img_with_a_karlo_prior(root, runs):
+    (path,) = _finished(runs, "txt2img_prior")
+    assert PIL.Image.open(path).size == (32, 32)
+    meta = _meta(path)
+    assert meta["prior"] == str(root / "karlo") and meta["model"] == str(root / "unclip_img2img")
+
+
+def test_variation_with_progress_bars(root, runs):
+    (path,) = _finished(runs, "variation")
+    assert PIL.Image.open(path).size == (16, 16)
+    meta = _meta(path)
+    assert meta["image"] == str(root / "photo.png") and meta["noise_level"] == 100 and meta["prompt"] == ""
+    assert meta["scheduler"] == "DDIMScheduler"  # the checkpoint's own
+    err = runs["variation"].stderr
+    assert "loading" in err and "generating" in err and "denoising" in err and "2/2" in err
+
+
+def test_depth2img_estimates_depth(root, runs):
+    path, depth_path = _finished(runs, "depth2img")
+    assert path.endswith("-depth2img-0.png") and depth_path.endswith("-depth2img-0-depth.png")
+    assert PIL.Image.open(path).size == (40, 32)  # the input, resized to --width x --height
+    depth = PIL.Image.open(depth_path)
+    assert depth.mode.startswith("I") and depth.size == (32, 32)  # the tiny DPT's output grid
+    d = np.asarray(depth)
+    assert d.min() == 0 and d.max() == 65535  # normalised to the full 16-bit range
+    meta = _meta(path)
+    assert meta["strength"] == 0.5 and meta["height"] == 32 and meta["width"] == 40 and meta["depth_map"] is None
+    assert meta["scheduler"] == "PNDMScheduler"
+
+
+def test_depth2img_given_depth_map(root, runs):
+    path, depth_path = _finished(runs, "depth2img_map")
+    assert PIL.Image.open(path).size == (48, 40)
+    # The map used is the given one (its luminance, normalised), not an estimate.
+    ramp = np.linspace(0, 1, 48)
+    np.testing.assert_allclose(np.asarray(PIL.Image.open(depth_path))[0] / 65535, ramp, atol=1 / 255)
+    meta = _meta(path)
+    assert meta["depth_map"] == str(root / "depth_rgb.png") and meta["dtype"] == "bf16"
+    assert meta["scheduler"] == "DDIMScheduler"
+
+
+# ------------------------------------------------------------------------------- mistakes
+
+
+def _mistakes(root: Path) -> list[tuple[tuple, str]]:
+    photo, unclip = root / "photo.png", root / "unclip"
+    return [
+        (("txt2img", "x", "--model", "/nonexistent/model"), "/nonexistent/model: no such pipeline folder"),
+        (("txt2img", "x", "--model", root), "model_index.json: missing"),
+        (("txt2img", "x"), "the following arguments are required: --model"),
+        (("txt2img", "x", "--model", unclip, "--size", "30"), "--size must be a positive multiple of 8"),
+        (("txt2img", "x", "--model", unclip, "--height", "0"), "--height must be a positive multiple of 8"),
+        (("txt2img", "x", "--model", unclip, "--size", "32", "--width", "32"), "give --size, or --height"),
+        (("txt2img", "x", "--model", unclip, "--steps", "0"), "--steps must be at least 1"),
+        (("txt2img", "x", "--model", unclip, "--prior-steps", "-1"), "--prior-steps must be at least 1"),
+        (("txt2img", "x", "--model", unclip, "--steps", "two"), "argument --steps: invalid int value: 'two'"),
+        (("txt2img", "x", "--model", unclip, "--guidance", "nan"), "--guidance must be a finite number"),
+        (("txt2img", "x", "--model", unclip, "--scheduler", "warp-drive"), "unknown scheduler 'warp-drive'"),
+        (("txt2img", "x", "--model", unclip, "--scheduler", "UnCLIPScheduler"), "unknown scheduler"),
+        (("txt2img", "x", "--model", unclip, "--dtype", "fp8"), "argument --dtype: invalid choice: 'fp8'"),
+        (("txt2img", "x", "--model", unclip, "--noise-level", "-1"), "--noise-level must be >= 0"),
+        (("txt2img", "x", "--model", unclip, "--out", photo), "exists and is not a folder"),
+        (("txt2img", "x", "--model", root / "depth2img"),
+         "is a StableDiffusionDepth2ImgPipeline checkpoint; `txt2img` needs a StableUnCLIPPipeline"),
+        (("txt2img", "x", "--model", root / "unclip_img2img"),
+         "is a StableUnCLIPImg2ImgPipeline checkpoint; `txt2img` needs a StableUnCLIPPipeline (add --prior "),
+        (("txt2img", "x", "--model", unclip, "--prior", root / "depth2img"),
+         "a StableDiffusionDepth2ImgPipeline has no prior"),
+        (("variation", "--model", unclip), "the following arguments are required: --image"),
+        (("variation", "--image", root / "missing.png", "--model", root / "unclip_img2img"), "no such file"),
+        (("variation", "--image", root / "broken.png", "--model", root / "unclip_img2img"),
+         "cannot read it as an image"),
+        (("depth2img", "x", "--image", photo, "--model", root / "depth2img", "--strength", "0"),
+         "--strength must be in (0, 1]"),
+        (("depth2img", "x", "--image", photo, "--model", root / "depth2img", "--strength", "1.5"),
+         "--strength must be in (0, 1]"),
+        (("depth2img", "x", "--image", photo, "--model", root / "depth2img", "--height", "32"),
+         "give both --height and --width"),
+        (("depth2img", "x", "--image", photo, "--model", root / "depth2img", "--depth-map", root / "broken.png"),
+         "--depth-map"),
+        (("tiny", unclip), "already exists"),
+        (("tiny", root / "new", "--kind", "karlo"), "argument --kind: invalid choice: 'karlo'"),
+        (("paint", "x"), "argument COMMAND: invalid choice: 'paint'"),
+    ]
+
+
+def test_mistakes_are_one_line(root, capsys):
+    for args, message in _mistakes(root):
+        assert cli.main([str(a) for a in args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        prefix = f"unclip-jax {args[0]}: error: " if args[0] != "paint" else "unclip-jax: error: "
+        assert len(err) == 1 and err[0].startswith(prefix) and message in err[0], (args, err)
+
+
+def test_mistake_found_by_the_pipeline_is_one_line(root, capsys):
+    """Checked by the loaded pipeline (the noising scheduler's range), still one line."""
+    assert cli.main(["txt2img", "x", "--model", str(root / "unclip"), "--noise-level", "1000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "unclip-jax txt2img: error: noise_level must be in [0, 999]; got 1000"
+
+
+@pytest.mark.parametrize("which", ["no such pipeline folder", "cannot read it as an image"])
+def test_mistakes_in_a_subprocess(root, which):
+    """As a user sees them: exit status 2, the error last on stderr, no traceback."""
+    args, message = next(case for case in _mistakes(root) if which in case[1])
     r = _run(*args)
     assert r.returncode == 2
-    # Progress lines may precede it; the error is one line, last, with no traceback.
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"unclip-jax {args[0]}: error: ") and message in last, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_help_lists_every_scheduler_name():
+    r = _run("txt2img", "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: unclip-jax txt2img")
+    for short, cls in cli.SCHEDULER_NAMES.items():
+        assert short in r.stdout and cls in r.stdout
+    assert "examples:" in r.stdout
+
+
+def test_scheduler_names():
+    assert set(cli.SCHEDULER_NAMES.values()) == set(SCHEDULERS) - {"UnCLIPScheduler"}
+    assert cli.scheduler_class("Euler-A") == "EulerAncestralDiscreteScheduler"
+    assert cli.scheduler_class("dpm++") == "DPMSolverMultistepScheduler"
+    assert cli.scheduler_class("unipcmultistepscheduler") == "UniPCMultistepScheduler"
+
+
+@pytest.mark.parametrize("command", sorted(cli.DELEGATES))
+def test_delegated_help(command):
+    """`unclip-jax convert|bench --help` shows the delegate's own help."""
+    module = cli.DELEGATES[command][0]
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not written yet")
+    r = _run(command, "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: unclip-jax {command}"), r.stdout
