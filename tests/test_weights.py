@@ -153,6 +153,22 @@ def test_half_precision_and_sharded_checkpoints(tiny_text, tmp_path, dtype):
         load_component(str(out))
 
 
+def test_variant_shards_as_transformers_writes_them(tiny_text, tmp_path):
+    """`save_pretrained(variant="fp16")` sharded: model.fp16-0000k-of-0000n.safetensors with
+    model.safetensors.index.fp16.json, found by variant (and not without it)."""
+    ref, folder = tiny_text
+    _, base = load_component(str(folder))
+    out = tmp_path / "variant"
+    copy.deepcopy(ref).half().save_pretrained(str(out), safe_serialization=True, variant="fp16", max_shard_size="20KB")
+    files = find_weight_files(str(out), variant="fp16")
+    assert len(files) > 1 and all(".fp16-0" in os.path.basename(f) for f in files), files
+    with pytest.raises(CheckpointError, match="no weights: expected one of"):
+        find_weight_files(str(out))
+    _, params = load_component(str(out), variant="fp16")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b).astype(np.float16).astype(np.float32)),
+                 params, base)
+
+
 def test_param_dtype(tiny_text):
     _, folder = tiny_text
     _, params = load_component(str(folder), param_dtype=jnp.bfloat16)

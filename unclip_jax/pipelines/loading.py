@@ -3,31 +3,39 @@
 `load_pipeline` reads each component named in model_index.json by its class: models (converted from
 PyTorch weights, or restored from the orbax checkpoint that `save_pipeline` writes beside their
 config), schedulers (from scheduler_config.json), tokenizers and image processors. Components given
-by keyword replace the folder's. `save_pipeline` writes the same layout with orbax params, so a saved
-folder loads without torch.
+by keyword replace the folder's; params can be placed in a given sharding as they load (orbax reads
+each array straight into it). `save_pipeline` writes the same layout with orbax params, so a saved
+folder loads without torch; every write goes through `atomic_folder` (temporary folder, then rename).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Union
 
+import jax
 import jax.numpy as jnp
 
 from unclip_jax.image_processing import CLIPImageProcessor
 from unclip_jax.tokenizer import load_tokenizer
 from unclip_jax.weights import components as registry
-from unclip_jax.weights.checkpoint import read_config
+from unclip_jax.weights.checkpoint import is_aux_file, pipeline_weight_sets, read_config
 from unclip_jax.weights.convert import abstract_params
-from unclip_jax.weights.orbax_io import restore_params, save_params
+from unclip_jax.weights.orbax_io import restore_params, save_params, saved_structure
 from unclip_jax.weights.safetensors_io import CheckpointError
 
 ORBAX_DIR = "orbax_params"
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
+
+# Where params go: one sharding for every param, or (component, "path/to/param", abstract) -> sharding.
+ShardingSpec = Union[jax.sharding.Sharding, Callable[[str, str, jax.ShapeDtypeStruct], jax.sharding.Sharding]]
 
 
 def _processor_loaders():
@@ -64,28 +72,51 @@ def component_class(index: dict, name: str, folder: str) -> str | None:
     return entry[1]
 
 
-def _load_model(sub: str, cls: str, dtype, variant):
+def param_path(path) -> str:
+    """A param's tree path as "down_blocks_0/resnets_0/conv1/kernel"."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def placements(sharding: ShardingSpec | None, component: str, abstract):
+    """The tree of shardings for `abstract`'s params (None: no placement asked)."""
+    if sharding is None:
+        return None
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda _: sharding, abstract)
+    return jax.tree_util.tree_map_with_path(lambda p, x: sharding(component, param_path(p), x), abstract)
+
+
+def _load_model(name: str, sub: str, cls: str, dtype, variant, sharding: ShardingSpec | None):
     if os.path.isdir(os.path.join(sub, ORBAX_DIR)):
         built = registry.build(read_config(sub), dtype, cls, sub)
-        target = abstract_params(built.module, *built.dummy_inputs)
-        # The saved param dtype wins over the abstract init's float32.
-        params = restore_params(os.path.join(sub, ORBAX_DIR))
-        _check_tree(params, target, sub)
-        return built.module, params
-    return registry.load_component(sub, dtype=dtype, variant=variant, architecture=cls)
+        saved = saved_structure(os.path.join(sub, ORBAX_DIR))
+        _check_tree(saved, abstract_params(built.module, *built.dummy_inputs), sub)
+        # The saved param dtype wins over the abstract init's float32; orbax reads each array straight
+        # into its sharding, so no full host copy is made first.
+        where = placements(sharding, name, saved)
+        target = None if where is None else jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), saved, where)
+        return built.module, restore_params(os.path.join(sub, ORBAX_DIR), target)
+    module, params = registry.load_component(sub, dtype=dtype, variant=variant, architecture=cls)
+    where = placements(sharding, name, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+    return module, params if where is None else jax.device_put(params, where)
 
 
 def _check_tree(params, target, where: str) -> None:
-    import jax  # noqa: PLC0415
-
-    got = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+    got = {param_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    want = {param_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
     if got != want:
         missing = sorted(set(want) - set(got))
         extra = sorted(set(got) - set(want))
-        bad = sorted(k for k in set(got) & set(want) if got[k] != want[k])
+        bad = sorted(f"{k} {got[k]} (config: {want[k]})" for k in set(got) & set(want) if got[k] != want[k])
         raise CheckpointError(f"{where}: saved params do not fit the config: missing {missing[:10]}, "
                               f"unexpected {extra[:10]}, wrong shape {bad[:10]}")
+
+
+def component_listing(folder: str, names) -> dict[str, list[str]]:
+    """component -> the file names in its sub-folder of `folder` (empty when absent)."""
+    return {n: sorted(os.listdir(os.path.join(folder, n))) if os.path.isdir(os.path.join(folder, n)) else []
+            for n in names}
 
 
 def load_pipeline(
@@ -95,12 +126,15 @@ def load_pipeline(
     dtype=jnp.float32,
     variant: str | None = None,
     overrides: dict[str, Any] | None = None,
+    sharding: ShardingSpec | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Loads the components `names` of a pipeline folder.
 
     Returns (components, params): components maps each name to a Flax module, scheduler, tokenizer
     or processor; params maps each model's name to its param tree. An override is either a
-    non-model component or, for a model, a `(module, params)` pair.
+    non-model component or, for a model, a `(module, params)` pair. `variant` applies per component
+    (a component without it loads its plain weights); `sharding` places the params (see
+    `PipelineBase.from_pretrained`).
     """
     from unclip_jax.schedulers import SCHEDULERS  # noqa: PLC0415
 
@@ -109,6 +143,8 @@ def load_pipeline(
     if unknown:
         raise TypeError(f"unknown component(s) {sorted(unknown)}; this pipeline has {list(names)}")
     index = read_model_index(folder)
+    classes = {n: component_class(index, n, folder) for n in names if n not in overrides}
+    weights = pipeline_weight_sets(component_listing(folder, classes), variant, folder)
     components: dict[str, Any] = {}
     params: dict[str, Any] = {}
     for name in names:
@@ -119,7 +155,7 @@ def load_pipeline(
             else:
                 components[name] = value
             continue
-        cls = component_class(index, name, folder)
+        cls = classes[name]
         sub = os.path.join(folder, name)
         if cls is None:
             components[name] = None
@@ -130,8 +166,67 @@ def load_pipeline(
         elif cls in _processor_loaders():
             components[name] = _processor_loaders()[cls](sub)
         else:
-            components[name], params[name] = _load_model(sub, cls, dtype, variant)
+            chosen = weights[name].variant if name in weights else variant
+            components[name], params[name] = _load_model(name, sub, cls, dtype, chosen, sharding)
     return components, params
+
+
+def copy_aux_files(src: str, dst: str) -> None:
+    """Copies a component folder's configs, tokenizer and processor files (no weights)."""
+    for fname in sorted(os.listdir(src)):
+        if is_aux_file(fname) and os.path.isfile(os.path.join(src, fname)):
+            shutil.copy2(os.path.join(src, fname), dst)
+
+
+_RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths in one step
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swaps two existing paths atomically (Linux renameat2); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str, *, overwrite: bool = False) -> Iterator[str]:
+    """Yields a temporary folder beside `folder`, renamed to `folder` when the block succeeds.
+
+    An interrupted or failed write leaves `folder` as it was (absent, or the previous content): the
+    partial folder is a hidden `.NAME.partial-*` sibling. With `overwrite`, an existing `folder` is
+    swapped for the new one in one atomic step where the system allows it (Linux), else moved aside
+    just before the new one is renamed in.
+    """
+    folder = os.path.abspath(folder)
+    if os.path.exists(folder) and not overwrite:
+        raise FileExistsError(f"{folder}: already exists; write to a new folder (or overwrite it)")
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.partial-", dir=parent)
+    try:
+        yield tmp
+        if not os.path.exists(folder):
+            os.rename(tmp, folder)
+        elif not overwrite:
+            raise FileExistsError(f"{folder}: appeared while writing; nothing was overwritten")
+        elif not _exchange(tmp, folder):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.old-", dir=parent)
+            os.rename(folder, os.path.join(old, "content"))
+            os.rename(tmp, folder)
+            shutil.rmtree(old)
+        # After an exchange, `tmp` holds the previous content: removed below.
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
+def write_model_index(folder: str, index: dict[str, Any]) -> None:
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
 
 
 def save_pipeline(
@@ -144,13 +239,7 @@ def save_pipeline(
     """Writes a pipeline folder: model_index.json, each component's config files copied from `source`
     (or written from the component), and each model's params as orbax. Written to a temporary folder
     and renamed into place, so a failed save leaves nothing half-written at `folder`."""
-    folder = os.path.abspath(folder)
-    if os.path.exists(folder):
-        raise FileExistsError(f"{folder}: already exists; save to a new folder")
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".saving-", dir=parent)
-    try:
+    with atomic_folder(folder) as tmp:
         index = dict(index)
         for name, comp in components.items():
             sub = os.path.join(tmp, name)
@@ -162,19 +251,12 @@ def save_pipeline(
                     json.dump(config, f, indent=2)
                 index[name] = ["diffusers", type(comp).__name__]
             elif os.path.isdir(src):
-                for fname in os.listdir(src):
-                    if fname.endswith((".json", ".txt", ".model")):
-                        shutil.copy2(os.path.join(src, fname), sub)
+                copy_aux_files(src, sub)
             elif hasattr(comp, "save_pretrained"):
                 comp.save_pretrained(sub)
             if name in params:
                 save_params(os.path.join(sub, ORBAX_DIR), params[name])
-        with open(os.path.join(tmp, "model_index.json"), "w") as f:
-            json.dump(index, f, indent=2)
-        os.rename(tmp, folder)  # fails if `folder` appeared meanwhile: nothing is overwritten
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+        write_model_index(tmp, index)
 
 
 class PipelineBase:
@@ -196,16 +278,30 @@ class PipelineBase:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, *, dtype=jnp.float32, variant: str | None = None,
-                        revision: str | None = None, local_files_only: bool = False, **components):
+                        revision: str | None = None, local_files_only: bool = False, cache_dir: str | None = None,
+                        sharding: ShardingSpec | None = None, **components):
         """(pipeline, params) from a diffusers-format folder (PyTorch weights converted on load), a
-        folder written by `save_pretrained` (no torch needed), or a hub repo id. Components given by
-        keyword replace the folder's: a scheduler, tokenizer or processor object, or a
-        `(module, params)` pair for a model."""
+        folder written by `save_pretrained` (no torch needed), or a hub repo id.
+
+        Args:
+          dtype: the models' compute dtype (params keep the dtype they were saved in; converted
+            PyTorch weights become float32).
+          variant, revision, local_files_only, cache_dir: as in diffusers (see `hub.resolve`); a
+            component without files of `variant` loads its plain weights.
+          sharding: where params go: a `jax.sharding.Sharding` for every param (e.g.
+            `NamedSharding(mesh, P())`, replicated), or a callable
+            `(component, "path/to/param", jax.ShapeDtypeStruct) -> Sharding`. Saved (orbax) params are
+            read straight into it; converted ones are placed after conversion.
+          **components: replace the folder's: a scheduler, tokenizer or processor object, or a
+            `(module, params)` pair for a model.
+        """
         from unclip_jax.pipelines.hub import resolve  # noqa: PLC0415
 
-        folder = resolve(path_or_repo_id, cls.COMPONENTS, variant=variant, revision=revision,
-                         local_files_only=local_files_only)
-        comps, params = load_pipeline(folder, cls.COMPONENTS, dtype=dtype, variant=variant, overrides=components)
+        names = tuple(n for n in cls.COMPONENTS if n not in components)
+        folder = resolve(path_or_repo_id, names, variant=variant, revision=revision,
+                         local_files_only=local_files_only, cache_dir=cache_dir)
+        comps, params = load_pipeline(folder, cls.COMPONENTS, dtype=dtype, variant=variant, overrides=components,
+                                      sharding=sharding)
         pipe = cls(**comps)
         pipe._source, pipe._index = folder, read_model_index(folder)
         return pipe, params

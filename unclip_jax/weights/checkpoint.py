@@ -6,9 +6,12 @@ when no safetensors exist, only through torch's weights-only loader, and only if
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -16,10 +19,99 @@ from unclip_jax.weights.safetensors_io import CheckpointError, SafetensorsFile
 
 # diffusers models, transformers models (new and old names).
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+# safetensors first: a pickle is read only when a component has no safetensors at all.
+WEIGHT_FORMATS = ("safetensors", "bin")
+_SHARD = r"\d{5}-of-\d{5}"
+# A shard index of any format or variant (`x.safetensors.index.json`, `x.safetensors.index.fp16.json`, ...).
+WEIGHT_INDEX = re.compile(r".*\.index(\.[^.]+)?\.json")
+# Besides weights, a component folder holds configs (.json), BPE merges (.txt) and sentencepiece models.
+AUX_EXTENSIONS = (".json", ".txt", ".model")
+
+
+def is_aux_file(name: str) -> bool:
+    """Whether a component folder's file is a config, tokenizer or processor file (not weights)."""
+    return name.endswith(AUX_EXTENSIONS) and not WEIGHT_INDEX.fullmatch(name)
 
 
 def _variant_name(stem: str, ext: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}" if variant else f"{stem}.{ext}"
+
+
+@dataclass(frozen=True)
+class WeightSet:
+    """One component's weights among the files of its folder (names relative to the folder).
+
+    entry: the file to open, a single weight file or a shard index; files: every file of the set
+    (for an index, the index and its shards as their names say, for choosing downloads).
+    """
+
+    entry: str
+    files: tuple[str, ...]
+    variant: str | None
+
+    @property
+    def sharded(self) -> bool:
+        return bool(WEIGHT_INDEX.fullmatch(self.entry))
+
+
+def weight_set(names: Iterable[str], variant: str | None = None, fallback: bool = False) -> WeightSet | None:
+    """The weight set of `variant` among a component folder's file names, or None.
+
+    safetensors before .bin (with `fallback`, plain safetensors before `variant` .bin files, as diffusers
+    ignores every .bin of a pipeline that has safetensors), then diffusers' stems before transformers';
+    a single file before a sharded set. Variant shards are recognised in the layouts diffusers reads:
+    `model.fp16-00001-of-00002.safetensors` with `model.safetensors.index.fp16.json`, and the older
+    `model-00001-of-00002.fp16.safetensors` with `model.fp16.safetensors.index.json` or
+    `model.safetensors.fp16.index.json`.
+    """
+    names = set(names)
+    for ext in WEIGHT_FORMATS:
+        for v, stem in itertools.product((variant, None) if variant and fallback else (variant,), WEIGHT_STEMS):
+            found = _find_set(names, stem, ext, v)
+            if found is not None:
+                return found
+    return None
+
+
+def _find_set(names: set[str], stem: str, ext: str, variant: str | None) -> WeightSet | None:
+    if variant:
+        v = re.escape(variant)
+        single = _variant_name(stem, ext, variant)
+        indexes = (f"{stem}.{ext}.index.{variant}.json", f"{stem}.{variant}.{ext}.index.json",
+                   f"{stem}.{ext}.{variant}.index.json")
+        shard = re.compile(rf"{stem}(\.{v}-{_SHARD}|-{_SHARD}\.{v})\.{ext}")
+    else:
+        single, indexes = f"{stem}.{ext}", (f"{stem}.{ext}.index.json",)
+        shard = re.compile(rf"{stem}-{_SHARD}\.{ext}")
+    if single in names:
+        return WeightSet(single, (single,), variant)
+    for index in indexes:
+        if index in names:
+            return WeightSet(index, (index, *sorted(n for n in names if shard.fullmatch(n))), variant)
+    return None
+
+
+def pipeline_weight_sets(
+    listing: Mapping[str, Iterable[str]], variant: str | None, where: str
+) -> dict[str, WeightSet]:
+    """The weight set of every component that has weights, given each component's file names.
+
+    As in diffusers, `variant` is taken per component: a component without files of the variant uses its
+    plain weights; but a variant that no component has is an error naming it.
+    """
+    chosen = {}
+    for name, names in listing.items():
+        names = list(names)
+        found = weight_set(names, variant, fallback=True)
+        if found is not None:
+            chosen[name] = found
+    if variant and chosen and not any(w.variant == variant for w in chosen.values()):
+        raise CheckpointError(
+            f"{where}: no component has weights of variant {variant!r} (files like "
+            f"{_variant_name('diffusion_pytorch_model', 'safetensors', variant)}); load without `variant` "
+            "to use the plain weights"
+        )
+    return chosen
 
 
 def find_weight_files(folder: str, variant: str | None = None) -> list[str]:
@@ -29,20 +121,16 @@ def find_weight_files(folder: str, variant: str | None = None) -> list[str]:
     """
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: no such component folder")
-    for ext in ("safetensors", "bin"):
-        for stem in WEIGHT_STEMS:
-            single = os.path.join(folder, _variant_name(stem, ext, variant))
-            index = os.path.join(folder, _variant_name(stem, ext, variant) + ".index.json")
-            if os.path.isfile(single):
-                return [single]
-            if os.path.isfile(index):
-                return _shards(index)
-    wanted = f" (variant {variant!r})" if variant else ""
-    raise CheckpointError(
-        f"{folder}: no weights{wanted}: expected one of "
-        + ", ".join(_variant_name(s, "safetensors", variant) for s in WEIGHT_STEMS)
-        + " (or a .bin, or a sharded .index.json)"
-    )
+    found = weight_set(os.listdir(folder), variant)
+    if found is None:
+        wanted = f" (variant {variant!r})" if variant else ""
+        raise CheckpointError(
+            f"{folder}: no weights{wanted}: expected one of "
+            + ", ".join(_variant_name(s, "safetensors", variant) for s in WEIGHT_STEMS)
+            + " (or a .bin, or a sharded .index.json)"
+        )
+    path = os.path.join(folder, found.entry)
+    return _shards(path) if found.sharded else [path]
 
 
 def _shards(index_path: str) -> list[str]:

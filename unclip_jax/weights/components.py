@@ -12,7 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unclip_jax.models import clip, dpt, prior, unet, vae
 from unclip_jax.weights import prior as prior_rules
@@ -128,4 +130,7 @@ def load_component(
     built = build(config, dtype, architecture, folder)
     abstract = abstract_params(built.module, *built.dummy_inputs)
     params = convert(state, abstract, built.rules, what=folder, dtype=param_dtype or jnp.float32)
+    # A param whose layout and dtype needed no change is still a view of the memory-mapped file, and
+    # would keep every page of it that was read resident: copied, the whole file is released.
+    params = jax.tree.map(lambda x: x if x.flags.owndata else np.array(x), params)
     return built.module, params

@@ -23,9 +23,24 @@ def save_params(directory: str, params) -> None:
     """
     directory = os.path.abspath(directory)
     params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), params)
+    # Uncompressed: weights barely compress, and compressing holds a second copy of them while writing.
+    handler = ocp.PyTreeCheckpointHandler(use_compression=False, save_concurrent_gb=1)
+    with ocp.Checkpointer(handler) as ckpt:
+        ckpt.save(directory, args=ocp.args.PyTreeSave(params))
+
+
+def saved_structure(directory: str):
+    """The saved params as a tree of `jax.ShapeDtypeStruct` (shapes and dtypes from the checkpoint's
+    metadata; no data read)."""
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: no orbax checkpoint there")
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(directory, params)
-        ckpt.wait_until_finished()
+        try:
+            tree = ckpt.metadata(directory).item_metadata.tree
+        except (ValueError, FileNotFoundError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{directory}: cannot read the checkpoint's metadata ({e})") from e
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
 
 
 def restore_params(directory: str, target=None):

@@ -1,0 +1,162 @@
+"""Converting a diffusers pipeline (folder or hub repo id) into a `save_pretrained` orbax folder.
+
+    python -m unclip_jax.conversion SOURCE OUT [--dtype fp32|bf16|fp16] [--variant fp16] [--revision R]
+                                    [--local-files-only] [--cache-dir DIR] [--overwrite] [--quiet]
+
+The pipeline class comes from `_class_name` in the source's model_index.json. Components are converted
+one at a time (each model's PyTorch tensors read from the memory-mapped file, transposed and cast one
+by one, written as orbax, then dropped), so at most one component's weights are held at once. The
+output is written into a hidden temporary folder beside OUT and renamed into place at the end: an
+interrupted or failed conversion leaves nothing at OUT, and never damages an existing OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16)}
+# Testing hook: seconds to sleep after each component, so a test can kill the process midway.
+PAUSE_ENV = "UNCLIP_JAX_CONVERT_PAUSE"
+
+
+def pipeline_classes() -> dict:
+    from unclip_jax.pipelines.depth2img import StableDiffusionDepth2ImgPipeline  # noqa: PLC0415
+    from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline, StableUnCLIPPipeline  # noqa: PLC0415
+
+    return {c.__name__: c for c in (StableUnCLIPPipeline, StableUnCLIPImg2ImgPipeline,
+                                    StableDiffusionDepth2ImgPipeline)}
+
+
+def convert_pipeline(
+    source: str,
+    out: str,
+    *,
+    dtype: str = "fp32",
+    variant: str | None = None,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    cache_dir: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> str:
+    """Converts the pipeline at `source` (a diffusers folder or hub repo id) into an orbax folder `out`.
+
+    Args:
+      dtype: the saved param dtype, "fp32", "bf16" or "fp16" (each tensor is cast on its own).
+      variant, revision, local_files_only, cache_dir: which weights to read, as in `from_pretrained`.
+      overwrite: replace an existing `out` (atomically swapped in at the end); otherwise it is an error.
+      progress: a progress bar over the components on stderr.
+    Returns:
+      `out`.
+    """
+    from unclip_jax.pipelines import loading  # noqa: PLC0415
+    from unclip_jax.pipelines.hub import resolve  # noqa: PLC0415
+    from unclip_jax.weights.checkpoint import pipeline_weight_sets  # noqa: PLC0415
+    from unclip_jax.weights.components import ARCHITECTURES  # noqa: PLC0415
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    where = dict(revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
+    # The pipeline class decides what to fetch, so the index comes first (alone), then its components.
+    pipeline = _pipeline_class(loading.read_model_index(resolve(source, (), **where)), source)
+    folder = resolve(source, pipeline.COMPONENTS, variant=variant, **where)
+    index = loading.read_model_index(folder)
+    names = pipeline.COMPONENTS
+    kinds = {n: loading.component_class(index, n, folder) for n in names}
+    weights = pipeline_weight_sets(loading.component_listing(folder, names), variant, folder)
+    pause = float(os.environ.get(PAUSE_ENV) or 0)
+    with loading.atomic_folder(out, overwrite=overwrite) as tmp, _progress(names, progress) as bar:
+        for name in names:
+            bar.set_description(name)
+            src, dst = os.path.join(folder, name), os.path.join(tmp, name)
+            if kinds[name] is not None:
+                os.makedirs(dst)
+                loading.copy_aux_files(src, dst)
+            if kinds[name] in ARCHITECTURES:  # a model: its weights are required (an error names the folder)
+                convert_component(src, dst, dtype=dtype, variant=weights[name].variant if name in weights else None,
+                                  architecture=kinds[name])
+            bar.update(1)
+            if pause:
+                time.sleep(pause)
+        kept = {k: v for k, v in index.items() if k.startswith("_") or k in names}
+        loading.write_model_index(tmp, kept)
+    return out
+
+
+def convert_component(src: str, dst: str, *, dtype: str = "fp32", variant: str | None = None,
+                      architecture: str | None = None) -> None:
+    """Converts one model component folder's PyTorch weights into `dst`/orbax_params.
+
+    Tensors are read from the memory-mapped checkpoint and cast one at a time, and the params are
+    dropped once written: peak memory is about two copies of this component's weights.
+    """
+    from unclip_jax.pipelines.loading import ORBAX_DIR  # noqa: PLC0415
+    from unclip_jax.weights.components import load_component  # noqa: PLC0415
+    from unclip_jax.weights.orbax_io import save_params  # noqa: PLC0415
+
+    _, params = load_component(src, param_dtype=DTYPES[dtype], variant=variant, architecture=architecture)
+    save_params(os.path.join(dst, ORBAX_DIR), params)
+
+
+def _pipeline_class(index: dict, source: str):
+    classes = pipeline_classes()
+    name = index.get("_class_name")
+    if name not in classes:
+        raise ValueError(f"{source}: pipeline class {name!r} is not supported (supported: {', '.join(classes)})")
+    return classes[name]
+
+
+def _progress(names, enabled: bool):
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    return tqdm(total=len(names), unit="component", file=sys.stderr, disable=not enabled)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump, like every other user error
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="unclip-jax convert",
+        description="Convert a diffusers pipeline (folder or hub repo id) into an orbax folder that loads "
+                    "without torch.")
+    p.add_argument("source", help="diffusers pipeline folder or hub repo id")
+    p.add_argument("out", help="folder to create")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="saved param dtype (default fp32)")
+    p.add_argument("--variant", default=None, help='weights variant to read, e.g. "fp16"')
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit hash")
+    p.add_argument("--local-files-only", action="store_true", help="use the hub cache only (no network)")
+    p.add_argument("--cache-dir", default=None, help="huggingface_hub cache folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The conversion command; user errors end with one line on stderr and exit status 2."""
+    from unclip_jax.weights.safetensors_io import CheckpointError  # noqa: PLC0415
+
+    args = _parser().parse_args(argv)
+    try:
+        out = convert_pipeline(args.source, args.out, dtype=args.dtype, variant=args.variant,
+                               revision=args.revision, local_files_only=args.local_files_only,
+                               cache_dir=args.cache_dir, overwrite=args.overwrite, progress=not args.quiet)
+    except (CheckpointError, ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"unclip-jax convert: error: {e}".splitlines()[0], file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
