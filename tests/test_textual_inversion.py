@@ -141,3 +141,17 @@ def _with_token(tokenizer, token):
     tok = copy.deepcopy(tokenizer)
     tok.add_tokens(token)
     return tok
+
+
+def test_saved_pipeline_keeps_the_added_tokens(loaded, tmp_path):
+    """save_pretrained after textual inversion writes the grown tokenizer and vocab_size, so the folder
+    reloads with the same token ids and embedding table."""
+    _, pipe, params = loaded
+    with _with_own_tokenizer(pipe):
+        pipe.save_pretrained(str(tmp_path / "saved"), params)
+        again, params2 = type(pipe).from_pretrained(str(tmp_path / "saved"))
+    assert len(again.tokenizer) == len(pipe.tokenizer) == again.text_encoder.config.vocab_size
+    prompt = maybe_convert_prompt(PROMPT, pipe.tokenizer)
+    np.testing.assert_array_equal(tokenize(again.tokenizer, prompt)[0], tokenize(pipe.tokenizer, prompt)[0])
+    np.testing.assert_array_equal(params2["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"],
+                                  params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"])

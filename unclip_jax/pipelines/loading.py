@@ -250,13 +250,31 @@ def save_pipeline(
                 with open(os.path.join(sub, "scheduler_config.json"), "w") as f:
                     json.dump(config, f, indent=2)
                 index[name] = ["diffusers", type(comp).__name__]
+            elif hasattr(comp, "save_pretrained") and (type(comp).__name__.startswith(TOKENIZER_CLASSES)
+                                                        or not os.path.isdir(src)):
+                # Tokenizers write themselves: textual inversion may have added tokens since loading.
+                comp.save_pretrained(sub)
             elif os.path.isdir(src):
                 copy_aux_files(src, sub)
-            elif hasattr(comp, "save_pretrained"):
-                comp.save_pretrained(sub)
+                _sync_vocab_size(sub, comp)
             if name in params:
                 save_params(os.path.join(sub, ORBAX_DIR), params[name])
         write_model_index(tmp, index)
+
+
+def _sync_vocab_size(folder: str, module) -> None:
+    """A text encoder grown by textual inversion keeps its copied config.json in step with its params."""
+    size = getattr(getattr(module, "config", None), "vocab_size", None)
+    path = os.path.join(folder, "config.json")
+    if size is None or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        config = json.load(f)
+    section = config.get("text_config", config) if "vocab_size" not in config else config
+    if section.get("vocab_size", size) != size:
+        section["vocab_size"] = size
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2)
 
 
 class PipelineBase:
