@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
+from jax.experimental import io_callback
 
+from unclip_jax.pipelines.sharding import constrain, to_host
 from unclip_jax.tokenizer import check_prompt, tokenize
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -34,7 +36,7 @@ def postprocess(images: jax.Array, output_type: str):
     """VAE output in [-1, 1], [B, H, W, 3] -> what `output_type` asks for (as diffusers' VaeImageProcessor)."""
     if output_type == "latent":
         return images
-    x = np.clip(np.asarray(images, dtype=np.float32) * 0.5 + 0.5, 0.0, 1.0)
+    x = np.clip(to_host(images).astype(np.float32) * 0.5 + 0.5, 0.0, 1.0)
     if output_type == "np":
         return x
     return [PIL.Image.fromarray(im) for im in (x * 255).round().astype(np.uint8)]
@@ -109,16 +111,40 @@ def encode_prompt(
     return prompt_embeds, negative_prompt_embeds
 
 
+def cfg_batch(uncond: jax.Array, cond: jax.Array) -> jax.Array:
+    """The classifier-free guidance batch [uncond_0, cond_0, uncond_1, cond_1, ...] [2B, ...] of two
+    [B, ...] arrays. Interleaved rather than concatenated so that, with the batch split over devices, each
+    device holds both halves of its own rows: forming it and `guide` move nothing between devices."""
+    return jnp.stack([uncond, cond], axis=1).reshape((-1,) + cond.shape[1:])
+
+
 def guide(pred: jax.Array, guidance_scale) -> jax.Array:
-    """Classifier-free guidance (Ho & Salimans 2022): the batch is [uncond; cond]."""
-    uncond, cond = jnp.split(pred, 2, axis=0)
+    """Classifier-free guidance (Ho & Salimans 2022) on a model output over a `cfg_batch` [2B, ...]."""
+    pairs = pred.reshape((-1, 2) + pred.shape[1:])
+    uncond, cond = pairs[:, 0], pairs[:, 1]
     return uncond + guidance_scale * (cond - uncond)
+
+
+def cfg_halves(x: jax.Array) -> jax.Array:
+    """A `cfg_batch` as diffusers lays it out, [uncond; cond] (what callbacks see)."""
+    return x.reshape((-1, 2) + x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
+
+
+def cfg_pairs(x: jax.Array) -> jax.Array:
+    """The inverse of `cfg_halves`: [uncond; cond] -> a `cfg_batch`."""
+    return x.reshape((2, -1) + x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
 
 
 def check_real(value, name: str) -> None:
     """A guidance-like argument must be a real number (TypeError naming it otherwise)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+
+
+def check_cross_attention_kwargs(kwargs) -> None:
+    """diffusers' `cross_attention_kwargs`: accepted; its LoRA `scale` is not supported yet."""
+    if kwargs is not None and "scale" in kwargs:
+        raise NotImplementedError("cross_attention_kwargs['scale'] (LoRA scale) is not supported yet")
 
 
 def check_count(value, name: str) -> None:
@@ -143,22 +169,29 @@ def step_kwargs(scheduler, eta: float) -> dict:
 
 
 def sampling_loop(model_fn, scheduler, state, sample, key, step_noise, options, callback=None, callback_steps=1,
-                  timestep_stride=1, *, start=0, cond=None, on_step_end=None, progress: str | None = None):
-    """x_t -> x_0 over `state.timesteps[start:]` in one `lax.fori_loop`.
+                  timestep_stride=1, *, start=0, cond=None, on_step_end=None, progress: str | None = None,
+                  layout=None, remat: bool = False):
+    """x_t -> x_0 over `state.timesteps[start:]` in one `lax.fori_loop` (a scan: the trip count is static).
 
     model_fn(x_in, t) -> the guided model output, or model_fn(x_in, t, cond) when `cond` (a pytree of
     conditioning carried through the loop) is given; `options` go to every `scheduler.step`.
     start: the first timestep index (img2img starts part-way; a static int keeps the trip count static).
       Step indices reported to callbacks, and rows of `step_noise` [steps, ...], count from it.
-    callback: a host function callback(i, t, x), run every `callback_steps` steps through
-      `jax.debug.callback`; `timestep_stride` is the scheduler order, by which diffusers divides the
-      step index it reports.
+    callback: a host function callback(i, t, x), run every `callback_steps` steps through an ordered
+      `io_callback` (which, unlike `jax.debug.callback`, may run in a program split over devices);
+      `timestep_stride` is the scheduler order, by which diffusers divides the step index it reports.
     on_step_end(i, t, x, cond) -> (x, cond): traced after each step (e.g. a host round trip through
       `io_callback` that may replace the latents or the conditioning).
     progress: a label: show a progress bar (tqdm, on stderr) advanced from the host after each step.
+    layout: a `sharding.Layout`: the latents stay split over its batch axes from step to step.
+    remat: recompute each step's activations in the backward pass (`jax.checkpoint` on the step), so a
+      gradient through n steps keeps n latents and states, not n steps of activations. Host hooks
+      (callback, on_step_end, progress) cannot be differentiated: leave them off with it.
     """
     n = state.timesteps.shape[0]
     tick = _progress_ticker(progress, n - start) if progress else None
+    if remat and (callback is not None or on_step_end is not None or tick is not None):
+        raise ValueError("host callbacks and progress bars cannot run in a differentiated (remat) loop")
 
     def body(i, carry):
         x, st, c = carry
@@ -167,18 +200,21 @@ def sampling_loop(model_fn, scheduler, state, sample, key, step_noise, options, 
         out = model_fn(x_in, t) if cond is None else model_fn(x_in, t, c)
         noise = None if step_noise is None else step_noise[i - start]
         res = scheduler.step(st, out, t, x, key=jax.random.fold_in(key, i), noise=noise, **options)
-        x = res.prev_sample
+        x = constrain(layout, res.prev_sample)
         if callback is not None:
             def report(i, t, x):
                 if int(i) % callback_steps == 0:
                     callback(int(i) // timestep_stride, int(t), np.asarray(x))
-            jax.debug.callback(report, i - start, t, x, ordered=True)
+            io_callback(report, None, i - start, t, x, ordered=True)
         if on_step_end is not None:
             x, c = on_step_end(i - start, t, x, c)
         if tick is not None:
-            jax.debug.callback(tick, i - start, ordered=True)
+            io_callback(tick, None, i - start, ordered=True)
         return x, res.state, c
 
+    if remat:
+        # No CSE barrier needed: inside a scan the recomputation cannot be merged with the forward pass.
+        body = jax.checkpoint(body, prevent_cse=False)
     return jax.lax.fori_loop(start, n, body, (sample, state, cond))[0]
 
 

@@ -5,13 +5,16 @@ image -> DPT relative depth -> bicubic resize to the latent grid (PyTorch's kern
 image -> VAE posterior sample * scaling_factor -> noised to the first timestep that `strength` keeps ->
 a UNet reading [latents, depth] (C + 1 channels) over the remaining steps -> VAE decode.
 
-The denoising loop (noising at the start step included) is one jit-compiled `lax.fori_loop`, cached per
-static configuration (guidance on/off, start step, callback, shapes): a second call with the same
-configuration compiles nothing.
+A call is `prepare` (checks, prompt encoding, depth estimation, VAE encoding, the initial random draws)
+then `sample` (pure: inputs -> images, differentiable with respect to latents, prompt embeddings, the depth
+map and params) then post-processing. The denoising loop (noising at the start step included) is one
+jit-compiled `lax.fori_loop`, cached per static configuration (guidance on/off, start step, callback,
+shapes, mesh): a second call with the same configuration compiles nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -25,7 +28,11 @@ from unclip_jax.image_processing import image_list, to_rgb_float
 from unclip_jax.pipelines.common import (
     ImagePipelineOutput,
     batch_size_of,
+    cfg_batch,
+    cfg_halves,
+    cfg_pairs,
     check_count,
+    check_cross_attention_kwargs,
     check_output_type,
     check_random_input,
     check_real,
@@ -37,9 +44,13 @@ from unclip_jax.pipelines.common import (
     want_progress,
 )
 from unclip_jax.pipelines.loading import PipelineBase
+from unclip_jax.pipelines.sharding import constrain, replicate, shard_call
 
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds", "depth_mask")
 _DEPTH_MODES = ("L", "I", "I;16", "F")
+# The dim holding the batch rows of each batch-sized input (the rest are replicated on a mesh).
+BATCH_AXIS = {"prompt_embeds": 0, "negative_prompt_embeds": 0, "image_rows": 0, "depth_rows": 0, "noise": 0,
+              "step_noise": 1}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -157,10 +168,31 @@ def _rows(n: int, n_prompts: int, per_prompt: int, what: str) -> np.ndarray:
                      f"{n_prompts} or {batch}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Depth2ImgConfig:
+    """The static part of a depth2img sample (changing it compiles anew); the rest are `inputs`.
+
+    guidance: classifier-free guidance on (its scale is the input `guidance_scale`; diffusers turns it on
+      for a scale above 1). strength: how much of the schedule runs (from int(steps * strength) steps
+      before the end). output_type: "image" (VAE output [B, H, W, 3] in about [-1, 1]) or "latent".
+    """
+
+    num_inference_steps: int = 50
+    strength: float = 0.8
+    guidance: bool = True
+    eta: float = 0.0
+    output_type: str = "image"
+
+    @property
+    def init_timestep(self) -> int:
+        return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+
+
 class StableDiffusionDepth2ImgPipeline(PipelineBase):
     """Text-guided, depth-preserving image-to-image with Stable Diffusion 2 depth."""
 
     COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler", "vae", "depth_estimator", "feature_extractor")
+    SAMPLE_MODELS = ("unet", "vae")
 
     def __init__(self, **components):
         super().__init__(**components)
@@ -177,43 +209,58 @@ class StableDiffusionDepth2ImgPipeline(PipelineBase):
     def _depth(self, params, pixel_values):
         return self.depth_estimator.apply({"params": params["depth_estimator"]}, pixel_values).predicted_depth
 
-    @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("size", "do_cfg"))
-    def _depth_mask(self, depth, rows, *, size, do_cfg):
+    @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("size", "layout"))
+    def _depth_mask(self, depth, rows, *, size, layout=None):
         d = resize_bicubic(depth, size)
         lo = d.min(axis=(1, 2), keepdims=True)
         hi = d.max(axis=(1, 2), keepdims=True)
         # A flat map (hi == lo) would be 0 / 0 = NaN in diffusers; it becomes the middle depth, 0.
         d = jnp.where(hi > lo, 2.0 * (d - lo) / jnp.where(hi > lo, hi - lo, 1.0) - 1.0, 0.0)
-        d = d[rows][..., None]
-        return jnp.concatenate([d, d]) if do_cfg else d
+        return constrain(layout, d[rows][..., None])
+
+    def _scheduler_state(self, config: Depth2ImgConfig, shape):
+        """The scheduler state started at the step `strength` keeps, and that step's index."""
+        start = (config.num_inference_steps - config.init_timestep) * self.scheduler.order
+        # Multistep schedulers size their history buffers by the sample shape.
+        state = self.scheduler.set_timesteps(self.scheduler.create_state(), config.num_inference_steps, shape=shape)
+        return self.scheduler.set_begin_index(state, start), start
 
     @functools.partial(jax.jit, static_argnums=(0,),
-                       static_argnames=("start", "do_cfg", "callback", "tensor_inputs", "eta", "progress"))
-    def _denoise(self, params, state, init_latents, noise, text, negative, depth_mask, guidance_scale, key,
-                 step_noise, *, start, do_cfg, callback, tensor_inputs, eta, progress):
+                       static_argnames=("start", "do_cfg", "callback", "tensor_inputs", "eta", "progress", "layout",
+                                        "remat"))
+    def _denoise(self, params, state, image_latents, rows, noise, text, negative, depth_mask, guidance_scale, key,
+                 step_noise, *, start, do_cfg, callback, tensor_inputs, eta, progress, layout=None, remat=False):
+        init_latents = constrain(layout, image_latents[rows] * self.vae.config.scaling_factor)
         t0 = jnp.full((init_latents.shape[0],), state.timesteps[start])
         latents = self.scheduler.add_noise(state, init_latents, noise, t0)
         unet_params = params["unet"]
 
         def model_fn(x, t, cond):
-            x_in = jnp.concatenate([x, x]) if do_cfg else x
+            x_in = cfg_batch(x, x) if do_cfg else x
             x_in = jnp.concatenate([x_in, cond["depth_mask"].astype(x_in.dtype)], axis=-1)
             out = self.unet.apply({"params": unet_params}, x_in, t, cond["prompt_embeds"])
             return guide(out, guidance_scale) if do_cfg else out
 
         on_step_end = None
         if callback is not None:
-            def on_step_end(i, t, x, cond):
-                args = {"latents": x, **cond}
+            # The host sees diffusers' [negative; prompt] layout of the guidance batch.
+            doubled = ("prompt_embeds", "depth_mask") if do_cfg else ()
+
+            def host_round_trip(i, t, x, cond):
+                args = {"latents": x, **{k: cfg_halves(v) if k in doubled else v for k, v in cond.items()}}
                 shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
                 host = functools.partial(self._run_callback, callback, tensor_inputs)
                 new = io_callback(host, shapes, i, t, args, ordered=True)
-                return new["latents"], {k: new[k] for k in cond}
+                return new["latents"], {k: cfg_pairs(new[k]) if k in doubled else new[k] for k in cond}
 
-        cond = {"prompt_embeds": text, "negative_prompt_embeds": negative, "depth_mask": depth_mask}
+            on_step_end = host_round_trip
+
+        cond = {"prompt_embeds": cfg_batch(negative, text) if do_cfg else text, "negative_prompt_embeds": negative,
+                "depth_mask": cfg_batch(depth_mask, depth_mask) if do_cfg else depth_mask}
         options = step_kwargs(self.scheduler, eta)
         return sampling_loop(model_fn, self.scheduler, state, latents, key, step_noise, options, start=start, cond=cond,
-                             on_step_end=on_step_end, progress="denoising" if progress else None)
+                             on_step_end=on_step_end, progress="denoising" if progress else None, layout=layout,
+                             remat=remat)
 
     def _run_callback(self, callback, names, i, t, args):
         """On the host, once per step: diffusers' callback_on_step_end(pipe, i, t, kwargs) -> dict, whose
@@ -228,9 +275,10 @@ class StableDiffusionDepth2ImgPipeline(PipelineBase):
                 args[k] = v
         return args
 
-    @functools.partial(jax.jit, static_argnums=(0,))
-    def _decode(self, params, latents):
-        return self.vae.apply({"params": params["vae"]}, latents / self.vae.config.scaling_factor, method="decode")
+    @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("layout",))
+    def _decode(self, params, latents, *, layout=None):
+        scale = self.vae.config.scaling_factor
+        return constrain(layout, self.vae.apply({"params": params["vae"]}, latents / scale, method="decode"))
 
     # ------------------------------------------------------------------ public pieces
 
@@ -248,7 +296,30 @@ class StableDiffusionDepth2ImgPipeline(PipelineBase):
             noise = jax.random.normal(key, mean.shape, jnp.float32)
         return mean + std * noise
 
-    def __call__(
+    def _sample(self, params, inputs, key, config, mesh, callback=None, tensor_inputs=("latents",), progress=False):
+        batch = int(np.shape(inputs["noise"])[0])
+        layout, params, inputs = shard_call(mesh, params, self.SAMPLE_MODELS, inputs, BATCH_AXIS, batch)
+        noise = inputs["noise"]
+        state, start = self._scheduler_state(config, noise.shape)
+        mask = self._depth_mask(inputs["depth_map"], inputs["depth_rows"], size=noise.shape[1:3], layout=layout)
+        latents = self._denoise(params, replicate(layout, state), inputs["image_latents"], inputs["image_rows"], noise,
+                                inputs["prompt_embeds"], inputs["negative_prompt_embeds"] if config.guidance else None,
+                                mask, inputs["guidance_scale"], replicate(layout, key), inputs["step_noise"],
+                                start=start, do_cfg=config.guidance, callback=callback, tensor_inputs=tensor_inputs,
+                                eta=float(config.eta), progress=progress, layout=layout,
+                                remat=callback is None and not progress)
+        out = latents if config.output_type == "latent" else self._decode(params, latents, layout=layout)
+        return out if out.shape[0] == batch else out[:batch]
+
+    def sample(self, params, inputs: dict[str, Any], key: jax.Array, *, config: Depth2ImgConfig, mesh=None):
+        """inputs (see `prepare`) -> the VAE output [B, H, W, 3] (about [-1, 1], unclipped), or the final
+        latents [B, h, w, C] for `config.output_type == "latent"`. Pure and differentiable (with respect to
+        image latents, noise, prompt embeddings, the depth map and params); `key` draws only the scheduler's
+        per-step noise. On a `mesh` the batch is split over it (see `sharding`); any batch size works
+        (padded, then trimmed)."""
+        return self._sample(params, inputs, key, config, mesh)
+
+    def prepare(
         self,
         prompt=None,
         image=None,
@@ -264,19 +335,14 @@ class StableDiffusionDepth2ImgPipeline(PipelineBase):
         eta: float = 0.0,
         prompt_embeds=None,
         negative_prompt_embeds=None,
-        output_type: str = "pil",
-        return_dict: bool = True,
         clip_skip: int | None = None,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs=("latents",),
         image_latents=None,
         noise=None,
         step_noise=None,
-        progress_bar: bool | None = None,
-        mesh=None,
-    ):
-        """Re-renders `image` guided by `prompt`, keeping its depth (see diffusers'
-        StableDiffusionDepth2ImgPipeline for the arguments).
+    ) -> tuple[dict[str, Any], Depth2ImgConfig]:
+        """Checks the arguments (see diffusers' StableDiffusionDepth2ImgPipeline), encodes the prompts,
+        estimates depth and encodes the image where not given, and draws every random input not given:
+        (inputs, config) for `sample`.
 
         image: a PIL image, a list of them, or an array [B, H, W, C] (uint8, or float in [0, 1]); may be
           None when both `image_latents` and `depth_map` are given.
@@ -288,12 +354,10 @@ class StableDiffusionDepth2ImgPipeline(PipelineBase):
           diffusers' `prepare_latents`); `noise` [B, h, w, C]: the noise added at the start step;
           `step_noise` [steps, B, h, w, C]: the scheduler's per-step noise (DDIM with eta > 0), steps being
           the steps run, int(num_inference_steps * strength) times the scheduler order.
-        callback_on_step_end(pipe, i, t, kwargs) -> dict: as diffusers, run on the host after every step
-          through `io_callback` (one host round trip per step, only when given); kwargs holds numpy arrays,
-          channels-last: latents [B, h, w, C], prompt_embeds (under guidance the batch [negative; prompt]),
-          negative_prompt_embeds (None without guidance), depth_mask [B or 2B, h, w, 1]. Returned arrays
-          (same shapes) replace the loop's. The callback is part of the compiled program: a new function
-          object compiles anew.
+
+        inputs: prompt_embeds / negative_prompt_embeds [B, T, E]; image_latents [N, h, w, C] and image_rows
+        [B] (the image each batch row starts from); depth_map [M, H', W'] (raw depth, any scale) and
+        depth_rows [B]; noise [B, h, w, C]; guidance_scale; step_noise.
 
         Where this differs from diffusers on purpose:
         - The depth map is always resized to the latent grid (h, w). diffusers swaps height and width for
@@ -308,32 +372,16 @@ class StableDiffusionDepth2ImgPipeline(PipelineBase):
           as diffusers does; RGBA / gray images are made RGB.
         - A flat depth map normalises to 0 (diffusers: NaN).
         """
-        if mesh is not None:
-            raise NotImplementedError("mesh: sharded sampling is not implemented yet")
         # ---- checks before work
-        check_output_type(output_type)
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1]; got {strength}")
         check_count(num_inference_steps, "num_inference_steps")
         check_count(num_images_per_prompt, "num_images_per_prompt")
         check_real(guidance_scale, "guidance_scale")
-        tensor_inputs = tuple(callback_on_step_end_tensor_inputs or ())
-        bad = [k for k in tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
-        if bad:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not among {list(CALLBACK_TENSOR_INPUTS)}")
-        if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise TypeError("callback_on_step_end must be callable")
         n_prompts = batch_size_of(prompt, prompt_embeds)
         batch = n_prompts * num_images_per_prompt
-
-        state = self.scheduler.set_timesteps(self.scheduler.create_state(), num_inference_steps)
-        order = self.scheduler.order
-        init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
-        start = max(num_inference_steps - init_timestep, 0) * order
-        n_run = int(state.timesteps.shape[0]) - start
-        if n_run <= 0:
-            raise ValueError(f"strength {strength} x num_inference_steps {num_inference_steps} leaves no denoising "
-                             "step: raise one of them")
+        config = Depth2ImgConfig(num_inference_steps=num_inference_steps, strength=float(strength),
+                                 guidance=guidance_scale > 1.0, eta=float(eta))
 
         f = self.vae_scale_factor
         images = None
@@ -354,47 +402,74 @@ class StableDiffusionDepth2ImgPipeline(PipelineBase):
             n_images, lat = il[0], tuple(il[1:3])
         image_latents = check_random_input(image_latents, (n_images, *lat, c), "image_latents")
         rows = _rows(n_images, n_prompts, num_images_per_prompt, "image(s)")
-        if depth is not None:
-            depth_rows = rows if depth.shape[0] == n_images else _rows(depth.shape[0], n_prompts,
-                                                                      num_images_per_prompt, "depth map(s)")
+        depth_rows = rows
+        if depth is not None and depth.shape[0] != n_images:
+            depth_rows = _rows(depth.shape[0], n_prompts, num_images_per_prompt, "depth map(s)")
         shape = (batch, *lat, c)
-        # Multistep schedulers size their history buffers by the sample shape.
-        state = self.scheduler.set_timesteps(self.scheduler.create_state(), num_inference_steps, shape=shape)
-        state = self.scheduler.set_begin_index(state, start)
+        state, start = self._scheduler_state(config, shape)
+        n_run = int(state.timesteps.shape[0]) - start
+        if n_run <= 0:
+            raise ValueError(f"strength {strength} x num_inference_steps {num_inference_steps} leaves no denoising "
+                             "step: raise one of them")
         noise = check_random_input(noise, shape, "noise")
         step_noise = check_random_input(step_noise, (n_run, *shape), "step_noise")
         if key is None:
             if image_latents is None or noise is None or (eta > 0 and step_noise is None):
                 raise ValueError("give `key`, or every random input (image_latents, noise, and step_noise if eta > 0)")
             key = jax.random.key(0)
-        k_posterior, k_noise, k_steps = jax.random.split(key, 3)
+        k_posterior, k_noise = jax.random.split(jax.random.fold_in(key, 1))
 
         # ---- work
-        do_cfg = guidance_scale > 1.0
         pe, npe = encode_prompt(
             self.text_encoder, params["text_encoder"], self.tokenizer, prompt,
-            num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=do_cfg,
+            num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=config.guidance,
             negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
         )
-        text = jnp.concatenate([npe, pe]) if do_cfg else pe
-
         if depth is None:
             depth = self.estimate_depth(params, images)
-            depth_rows = rows
-        depth_mask = self._depth_mask(jnp.asarray(depth), jnp.asarray(depth_rows), size=lat, do_cfg=do_cfg)
-
         if image_latents is None:
             mean, std = self._posterior(params, jnp.asarray(pixels))
             image_latents = mean + std * jax.random.normal(k_posterior, mean.shape, jnp.float32)
-        init_latents = image_latents[jnp.asarray(rows)] * self.vae.config.scaling_factor
         if noise is None:
             noise = jax.random.normal(k_noise, shape, jnp.float32)
+        inputs = {"prompt_embeds": pe, "negative_prompt_embeds": npe, "image_latents": image_latents,
+                  "image_rows": jnp.asarray(rows), "depth_map": jnp.asarray(depth, jnp.float32),
+                  "depth_rows": jnp.asarray(depth_rows), "noise": noise, "step_noise": step_noise,
+                  "guidance_scale": jnp.float32(guidance_scale)}
+        return inputs, config
 
-        latents = self._denoise(params, state, init_latents, noise, text, npe, depth_mask,
-                                jnp.float32(guidance_scale), k_steps, step_noise, start=start, do_cfg=do_cfg,
-                                callback=callback_on_step_end, tensor_inputs=tensor_inputs, eta=float(eta),
-                                progress=want_progress(progress_bar))
-        images_out = latents if output_type == "latent" else self._decode(params, latents)
-        images_out = postprocess(images_out, output_type)
-        return ImagePipelineOutput(images_out) if return_dict else (images_out,)
+    def __call__(self, *args, params: dict[str, Any], key: jax.Array | None = None, mesh=None,
+                 output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), progress_bar: bool | None = None,
+                 cross_attention_kwargs=None, **kwargs):
+        """Re-renders `image` guided by `prompt`, keeping its depth: `prepare(*args, params=params, key=key,
+        **kwargs)` (see it for the arguments), then `sample`, then post-processing.
+
+        mesh: a `jax.sharding.Mesh` with a `data` axis (and optionally `fsdp`): the batch is split over it
+          (see `unclip_jax.pipelines.sharding`); None runs on one device.
+        output_type: "pil", "np" (float32 [B, H, W, 3] in [0, 1]) or "latent".
+        callback_on_step_end(pipe, i, t, kwargs) -> dict: as diffusers, run on the host after every step
+          through `io_callback` (one host round trip per step, only when given); kwargs holds numpy arrays,
+          channels-last: latents [B, h, w, C], prompt_embeds (under guidance the batch [negative; prompt]),
+          negative_prompt_embeds (None without guidance), depth_mask [B or 2B, h, w, 1]. Returned arrays
+          (same shapes) replace the loop's. The callback is part of the compiled program: a new function
+          object compiles anew.
+        progress_bar (default: when stderr is a terminal): shows the steps of the compiled loop.
+        cross_attention_kwargs: accepted as in diffusers; a LoRA `scale` in it is not supported yet.
+        """
+        check_output_type(output_type)
+        check_cross_attention_kwargs(cross_attention_kwargs)
+        tensor_inputs = tuple(callback_on_step_end_tensor_inputs or ())
+        bad = [k for k in tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not among {list(CALLBACK_TENSOR_INPUTS)}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError("callback_on_step_end must be callable")
+        inputs, config = self.prepare(*args, params=params, key=key, **kwargs)
+        if output_type == "latent":
+            config = dataclasses.replace(config, output_type="latent")
+        images = self._sample(params, inputs, jax.random.key(0) if key is None else key, config, mesh,
+                              callback_on_step_end, tensor_inputs, want_progress(progress_bar))
+        images = postprocess(images, output_type)
+        return ImagePipelineOutput(images) if return_dict else (images,)
