@@ -264,3 +264,27 @@ def test_delegated_help(command):
     r = _run(command, "--help")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"usage: unclip-jax {command}"), r.stdout
+
+
+def test_prior_from_a_karlo_checkpoint_in_python(root, tmp_path):
+    """`StableUnCLIPPipeline.from_pretrained(decoder, prior=karlo)` (the library side of --prior) samples as the
+    checkpoint with its own prior, and saves as a whole StableUnCLIPPipeline folder that reloads the same."""
+    import jax
+
+    from unclip_jax import StableUnCLIPPipeline
+
+    pipe, params = StableUnCLIPPipeline.from_pretrained(str(root / "unclip_img2img"), prior=str(root / "karlo"))
+    own, own_params = StableUnCLIPPipeline.from_pretrained(str(root / "unclip"))
+    assert type(pipe.prior_scheduler).__name__ == "DDPMScheduler"
+    kw = dict(key=jax.random.key(3), num_inference_steps=2, prior_num_inference_steps=2, output_type="np")
+    # The decoders differ (two tiny checkpoints); the priors are the same weights: equal image embeddings.
+    prior_in, prior_cfg = pipe.prepare("a cat", params=params, key=kw["key"], prior_num_inference_steps=2)
+    own_in, own_cfg = own.prepare("a cat", params=own_params, key=kw["key"], prior_num_inference_steps=2)
+    np.testing.assert_array_equal(np.asarray(pipe.sample_prior(params, prior_in, kw["key"], config=prior_cfg)),
+                                  np.asarray(own.sample_prior(own_params, own_in, kw["key"], config=own_cfg)))
+    pipe.save_pretrained(str(tmp_path / "saved"), params)
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableUnCLIPPipeline" and "feature_extractor" not in index
+    assert index["prior_scheduler"] == ["diffusers", "DDPMScheduler"]
+    again, again_params = StableUnCLIPPipeline.from_pretrained(str(tmp_path / "saved"))
+    np.testing.assert_array_equal(again("a cat", params=again_params, **kw).images, pipe("a cat", params=params, **kw).images)

@@ -286,7 +286,8 @@ def _t(x):
 
 
 def _images(ref, pipe, params, ref_scale=None, seed=0):
-    """The same img2img run (given image embeddings and noise) on diffusers and ours."""
+    """The same img2img run (given image embeddings and noise) on diffusers and ours, both given the
+    LoRA scale as `cross_attention_kwargs` (ours merges the unfused adapters in `params` itself)."""
     rng = np.random.RandomState(seed)
     embeds, noise = rng.randn(2, 32).astype(np.float32), rng.randn(2, 32).astype(np.float32)
     latents = rng.randn(2, 16, 16, 4).astype(np.float32)
@@ -296,7 +297,7 @@ def _images(ref, pipe, params, ref_scale=None, seed=0):
     with feed_noise(["diffusers.pipelines.stable_diffusion.pipeline_stable_unclip_img2img"], [_t(noise)]):
         expected = ref(image_embeds=_t(embeds), latents=nhwc_to_nchw(latents), **kw, **extra).images
     out = pipe(image_embeds=embeds, params=params, key=jax.random.key(0), latents=latents,
-               image_embeds_noise=noise, **kw).images
+               image_embeds_noise=noise, **kw, **extra).images
     return out, expected
 
 
@@ -312,12 +313,12 @@ def test_pipeline_images_parity(pipeline_dirs, pipeline_pairs, lora_files):
     cases = [("a", None, 1.0), ("a", None, 0.5), (["a", "b"], [0.6, 1.3], 0.8)]
     for names, weights, scale in cases:
         ref.set_adapters(names, weights)
-        out, expected = _images(ref, pipe, L.lora_params(L.set_adapters(ours, names, weights), scale), scale)
+        out, expected = _images(ref, pipe, pipe.set_adapters(ours, names, weights), scale)
         err = float(np.abs(out - expected).max())
         assert err <= TOL, f"{names} {weights} scale {scale}: max abs error {err:.3g}"
         assert np.abs(plain - expected).max() > 50 * TOL, "the LoRA does not change the images"
     ref.fuse_lora(lora_scale=0.7)
-    out, expected = _images(ref, pipe, L.lora_params(L.fuse_lora(L.set_adapters(ours, *cases[2][:2]), 0.7)))
+    out, expected = _images(ref, pipe, pipe.fuse_lora(pipe.set_adapters(ours, *cases[2][:2]), 0.7))
     assert float(np.abs(out - expected).max()) <= TOL, "fused"
 
 

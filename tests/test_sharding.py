@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from unclip_jax.pipelines import depth2img, stable_unclip
-from unclip_jax.pipelines.sharding import FSDP, Layout, make_mesh, shard_params
+from unclip_jax.sharding import FSDP, Layout, make_mesh, shard_params
 
 TOL = 1e-5  # max abs difference, relative to the output scale (at least 1)
 PER_PROMPT = 2
@@ -164,7 +164,7 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2, process_id=int(sys.argv[1]),
                            initialization_timeout=60)
 import numpy as np
-from unclip_jax.pipelines.sharding import Layout, make_mesh, place, to_host
+from unclip_jax.sharding import Layout, make_mesh, place, to_host
 
 layout = Layout(make_mesh(fsdp=2))  # 2 x 2 over the 8 devices of both processes
 x = np.arange(18, dtype=np.float32).reshape(6, 3)

@@ -86,8 +86,9 @@ def test_tokens_table_and_prompt_embeds_match(loaded, embedding_files):
     np.testing.assert_array_equal(ours_ids, ref.tokenizer(converted, padding="max_length", max_length=77).input_ids)
     with torch.no_grad():
         pe, npe = ref.encode_prompt(PROMPT, "cpu", 1, True, negative_prompt=NEGATIVE)
-    ours = encode_prompt(pipe.text_encoder, params["text_encoder"], pipe.tokenizer, converted, num_images_per_prompt=1,
-                         do_classifier_free_guidance=True, negative_prompt=maybe_convert_prompt(NEGATIVE, pipe.tokenizer))
+    # encode_prompt spells out the multi-vector tokens itself, as diffusers' does.
+    ours = encode_prompt(pipe.text_encoder, params["text_encoder"], pipe.tokenizer, PROMPT, num_images_per_prompt=1,
+                         do_classifier_free_guidance=True, negative_prompt=NEGATIVE)
     assert_close(ours[0], pe.numpy(), 1e-4, "prompt_embeds")
     assert_close(ours[1], npe.numpy(), 1e-4, "negative_prompt_embeds")
 
@@ -101,9 +102,7 @@ def test_images_match(loaded):
     with feed_noise(["diffusers.pipelines.stable_diffusion.pipeline_stable_unclip_img2img"], [torch.from_numpy(noise)]):
         expected = ref(prompt=PROMPT, negative_prompt=NEGATIVE, image_embeds=torch.from_numpy(embeds),
                        latents=nhwc_to_nchw(latents), **kw).images
-    # Until the pipelines spell out multi-vector tokens themselves, the test does it (as diffusers does inside).
-    out = pipe(prompt=maybe_convert_prompt(PROMPT, pipe.tokenizer),
-               negative_prompt=maybe_convert_prompt(NEGATIVE, pipe.tokenizer), image_embeds=embeds, params=params,
+    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, image_embeds=embeds, params=params,
                key=jax.random.key(0), latents=latents, image_embeds_noise=noise, **kw).images
     err = float(np.abs(out - expected).max())
     assert err <= TOL, f"max abs error {err:.3g}"

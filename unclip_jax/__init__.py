@@ -5,6 +5,7 @@ frozen objects with immutable state pytrees; pipelines take params and a `jax.ra
 Everything is channels-last, and every random draw can be passed in.
 """
 
+from unclip_jax.conversion import convert_pipeline
 from unclip_jax.image_processing import CLIPImageProcessor
 from unclip_jax.image_processing_dpt import DPTImageProcessor
 from unclip_jax.models.clip import CLIPOutput, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
@@ -12,12 +13,15 @@ from unclip_jax.models.config import UnsupportedConfigError
 from unclip_jax.models.dpt import DPTConfig, DPTForDepthEstimation
 from unclip_jax.models.prior import PriorTransformer, PriorTransformerConfig, StableUnCLIPImageNormalizer
 from unclip_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+from unclip_jax.lora import LoraError, LoraLoaderMixin, lora_params
 from unclip_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian
 from unclip_jax.pipelines.common import ImagePipelineOutput
-from unclip_jax.pipelines.depth2img import StableDiffusionDepth2ImgPipeline
-from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline, StableUnCLIPPipeline
+from unclip_jax.pipelines.depth2img import Depth2ImgConfig, StableDiffusionDepth2ImgPipeline
+from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline, StableUnCLIPPipeline, UnCLIPConfig
 from unclip_jax.schedulers import SCHEDULERS, SchedulerOutput, scheduler_from_config
-from unclip_jax.tokenizer import load_tokenizer, tokenize, write_clip_tokenizer
+from unclip_jax.sharding import make_mesh, shard_params
+from unclip_jax.textual_inversion import TextualInversionLoaderMixin
+from unclip_jax.tokenizer import load_tokenizer, maybe_convert_prompt, tokenize, write_clip_tokenizer
 from unclip_jax.weights.components import load_component
 from unclip_jax.weights.convert import ConversionError
 from unclip_jax.weights.orbax_io import restore_params, save_params
@@ -26,7 +30,6 @@ from unclip_jax.weights.safetensors_io import CheckpointError
 __version__ = "0.1.0"
 
 __all__ = [
-    "SCHEDULERS",
     "AutoencoderKL",
     "AutoencoderKLConfig",
     "CLIPImageProcessor",
@@ -40,23 +43,34 @@ __all__ = [
     "DPTConfig",
     "DPTForDepthEstimation",
     "DPTImageProcessor",
+    "Depth2ImgConfig",
     "DiagonalGaussian",
     "ImagePipelineOutput",
+    "LoraError",
+    "LoraLoaderMixin",
     "PriorTransformer",
     "PriorTransformerConfig",
+    "SCHEDULERS",
     "SchedulerOutput",
     "StableDiffusionDepth2ImgPipeline",
     "StableUnCLIPImageNormalizer",
     "StableUnCLIPImg2ImgPipeline",
     "StableUnCLIPPipeline",
+    "TextualInversionLoaderMixin",
     "UNet2DConditionConfig",
     "UNet2DConditionModel",
+    "UnCLIPConfig",
     "UnsupportedConfigError",
+    "convert_pipeline",
     "load_component",
     "load_tokenizer",
+    "lora_params",
+    "make_mesh",
+    "maybe_convert_prompt",
     "restore_params",
     "save_params",
     "scheduler_from_config",
+    "shard_params",
     "tokenize",
     "write_clip_tokenizer",
 ]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib
 import json
 import math
@@ -57,12 +56,6 @@ PIPELINES = {
     "depth2img": "StableDiffusionDepth2ImgPipeline",
 }
 # Where a prior comes from (--prior): pipeline class -> {StableUnCLIPPipeline's name: the folder's name}.
-KARLO = "kakaobrain/karlo-v1-alpha"
-_PRIOR_NAMES = ("prior_tokenizer", "prior_text_encoder", "prior", "prior_scheduler")
-PRIOR_LAYOUTS = {
-    "UnCLIPPipeline": dict(zip(_PRIOR_NAMES, ("tokenizer", "text_encoder", "prior", "prior_scheduler"))),
-    "StableUnCLIPPipeline": dict(zip(_PRIOR_NAMES, _PRIOR_NAMES)),
-}
 # Subcommands that hand their arguments over whole to another module's `main(argv) -> int`.
 DELEGATES = {
     "convert": ("unclip_jax.conversion", "convert a diffusers/PyTorch checkpoint to an orbax pipeline folder"),
@@ -296,19 +289,21 @@ def _check_pipeline_class(folder: str, args) -> None:
     other = next(c for c, p in PIPELINES.items() if p == found)
     hint = f"use `{PROG} {other}`"
     if args.command == "txt2img" and found == PIPELINES["variation"]:
+        from unclip_jax.pipelines.stable_unclip import KARLO  # noqa: PLC0415
+
         hint = f"add --prior {KARLO} for text-to-image with its decoder, or {hint}"
     raise UsageError(f"{folder} is a {found} checkpoint; `{args.command}` needs a {want} ({hint})")
 
 
 def _prior_layout(folder: str) -> dict[str, str]:
-    """StableUnCLIPPipeline's prior component -> its name in the --prior folder."""
-    from unclip_jax.pipelines.loading import read_model_index  # noqa: PLC0415
+    """StableUnCLIPPipeline's prior components -> their names in the --prior folder."""
+    from unclip_jax.pipelines.stable_unclip import prior_layout  # noqa: PLC0415
+    from unclip_jax.weights.safetensors_io import CheckpointError  # noqa: PLC0415
 
-    found = read_model_index(folder).get("_class_name")
-    if found not in PRIOR_LAYOUTS:
-        raise UsageError(f"--prior {folder}: a {found} has no prior; give a {' or a '.join(PRIOR_LAYOUTS)} "
-                         f"(e.g. {KARLO})")
-    return PRIOR_LAYOUTS[found]
+    try:
+        return prior_layout(folder)
+    except CheckpointError as e:
+        raise UsageError(f"--prior {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -345,26 +340,6 @@ def _elapsed(label: str, enabled: bool):
         bar.close()
 
 
-def _prior(args, dtype) -> dict:
-    """The --prior pipeline's prior components, as StableUnCLIPPipeline.from_pretrained overrides."""
-    from unclip_jax.pipelines.hub import resolve  # noqa: PLC0415
-    from unclip_jax.pipelines.loading import load_pipeline  # noqa: PLC0415
-    from unclip_jax.schedulers import scheduler_from_config  # noqa: PLC0415
-
-    every_name = sorted({n for layout in PRIOR_LAYOUTS.values() for n in layout.values()})
-    folder = resolve(args.prior, tuple(every_name), revision=args.revision, local_files_only=args.local_files_only)
-    layout = _prior_layout(folder)
-    comps, params = load_pipeline(folder, tuple(layout.values()), dtype=dtype)
-    out = {ours: (comps[theirs], params[theirs]) if theirs in params else comps[theirs]
-           for ours, theirs in layout.items()}
-    scheduler = out["prior_scheduler"]
-    if type(scheduler).__name__ == "UnCLIPScheduler":
-        # Karlo's schedule, sampled by DDPM as diffusers' Stable unCLIP recipe does.
-        config = {"_class_name": "UnCLIPScheduler", **dataclasses.asdict(scheduler.config)}
-        out["prior_scheduler"] = scheduler_from_config(config, class_name="DDPMScheduler")
-    return out
-
-
 def _load(args, progress: bool):
     """(pipeline, params) for the command, with the scheduler swapped when asked."""
     import jax.numpy as jnp  # noqa: PLC0415
@@ -381,11 +356,12 @@ def _load(args, progress: bool):
         folder = resolve(args.model, cls.COMPONENTS, variant=args.variant, revision=args.revision,
                          local_files_only=args.local_files_only)
         _check_pipeline_class(folder, args)
-        swap = {} if getattr(args, "prior", None) is None else _prior(args, dtype)
+        swap = {} if getattr(args, "prior", None) is None else {"prior": args.prior}
         if args.scheduler_class is not None:
             config = read_config(os.path.join(folder, "scheduler"), "scheduler_config.json")
             swap["scheduler"] = scheduler_from_config(config, class_name=args.scheduler_class)
-        pipe, params = cls.from_pretrained(folder, dtype=dtype, variant=args.variant, **swap)
+        pipe, params = cls.from_pretrained(folder, dtype=dtype, variant=args.variant,
+                                           local_files_only=args.local_files_only, **swap)
     _log(f"loaded {args.model} in {time.time() - t0:.1f}s")
     return pipe, params
 

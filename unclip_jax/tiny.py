@@ -123,7 +123,7 @@ _LIBRARY = {"prior_text_encoder": "transformers", "text_encoder": "transformers"
 _POSITIVE = {"depth_estimator": (("head", "head_4", "kernel"),)}
 
 
-def _random_params(abstract, rng: np.random.Generator, positive: tuple = ()):
+def random_params(abstract, rng: np.random.Generator, positive: tuple = ()):
     """Random params of the abstract tree's shapes, drawn on the host (no init to compile): norm scales
     and standard deviations 1, biases and means 0, other weights N(0, 1 / fan_in) (`positive` paths: the
     absolute values)."""
@@ -180,7 +180,7 @@ def write_tiny(kind: str, folder: str, seed: int = 0) -> str:
             with open(os.path.join(src, name, "config.json"), "w") as f:
                 json.dump(config, f, indent=2)
             built = build(config)
-            params[name] = _random_params(abstract_params(built.module, *built.dummy_inputs), rng,
+            params[name] = random_params(abstract_params(built.module, *built.dummy_inputs), rng,
                                           _POSITIVE.get(name, ()))
             components[name] = built.module
         save_pipeline(folder, src, index, components, params)

@@ -14,8 +14,8 @@ import numpy as np
 import PIL.Image
 from jax.experimental import io_callback
 
-from unclip_jax.pipelines.sharding import constrain, to_host
-from unclip_jax.tokenizer import check_prompt, tokenize
+from unclip_jax.sharding import constrain, to_host
+from unclip_jax.tokenizer import check_prompt, maybe_convert_prompt, tokenize
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -83,7 +83,8 @@ def encode_prompt(
     """
     batch = batch_size_of(prompt, prompt_embeds)
     if prompt_embeds is None:
-        ids, _ = tokenize(tokenizer, prompt)
+        # Multi-vector textual-inversion tokens are spelled out first, as diffusers does.
+        ids, _ = tokenize(tokenizer, maybe_convert_prompt(prompt, tokenizer))
         prompt_embeds = _encode(text_encoder, params, ids, clip_skip=clip_skip)
     prompt_embeds = repeat_per_image(jnp.asarray(prompt_embeds), num_images_per_prompt)
     if not do_classifier_free_guidance:
@@ -100,7 +101,7 @@ def encode_prompt(
             negative = check_prompt(negative_prompt, "negative_prompt")
             if len(negative) != batch:
                 raise ValueError(f"negative_prompt has {len(negative)} prompts; prompt has {batch}")
-        ids, _ = tokenize(tokenizer, negative, "negative_prompt")
+        ids, _ = tokenize(tokenizer, maybe_convert_prompt(negative, tokenizer), "negative_prompt")
         negative_prompt_embeds = _encode(text_encoder, params, ids)
     negative_prompt_embeds = repeat_per_image(jnp.asarray(negative_prompt_embeds), num_images_per_prompt)
     if negative_prompt_embeds.shape != prompt_embeds.shape:
@@ -141,10 +142,17 @@ def check_real(value, name: str) -> None:
         raise TypeError(f"{name} must be a number; got {type(value).__name__}")
 
 
-def check_cross_attention_kwargs(kwargs) -> None:
-    """diffusers' `cross_attention_kwargs`: accepted; its LoRA `scale` is not supported yet."""
-    if kwargs is not None and "scale" in kwargs:
-        raise NotImplementedError("cross_attention_kwargs['scale'] (LoRA scale) is not supported yet")
+def with_lora(params, cross_attention_kwargs):
+    """The params a call samples with: active unfused LoRA adapters merged at diffusers' per-call
+    `cross_attention_kwargs["scale"]` (default 1.0; it scales the text encoder's adapters too, as
+    diffusers' `lora_scale` does). Params without adapters come back as they are."""
+    from unclip_jax.lora import lora_params  # noqa: PLC0415
+
+    if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+        raise TypeError(f"cross_attention_kwargs must be a dict; got {type(cross_attention_kwargs).__name__}")
+    scale = (cross_attention_kwargs or {}).get("scale", 1.0)
+    check_real(scale, "cross_attention_kwargs['scale']")
+    return lora_params(params, scale)
 
 
 def check_count(value, name: str) -> None:

@@ -32,7 +32,6 @@ from unclip_jax.pipelines.common import (
     cfg_halves,
     cfg_pairs,
     check_count,
-    check_cross_attention_kwargs,
     check_output_type,
     check_random_input,
     check_real,
@@ -42,9 +41,12 @@ from unclip_jax.pipelines.common import (
     sampling_loop,
     step_kwargs,
     want_progress,
+    with_lora,
 )
+from unclip_jax.lora import LoraLoaderMixin
 from unclip_jax.pipelines.loading import PipelineBase
-from unclip_jax.pipelines.sharding import constrain, replicate, shard_call
+from unclip_jax.sharding import constrain, replicate, shard_call
+from unclip_jax.textual_inversion import TextualInversionLoaderMixin
 
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds", "depth_mask")
 _DEPTH_MODES = ("L", "I", "I;16", "F")
@@ -188,7 +190,7 @@ class Depth2ImgConfig:
         return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
 
 
-class StableDiffusionDepth2ImgPipeline(PipelineBase):
+class StableDiffusionDepth2ImgPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, PipelineBase):
     """Text-guided, depth-preserving image-to-image with Stable Diffusion 2 depth."""
 
     COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler", "vae", "depth_estimator", "feature_extractor")
@@ -447,7 +449,7 @@ class StableDiffusionDepth2ImgPipeline(PipelineBase):
         **kwargs)` (see it for the arguments), then `sample`, then post-processing.
 
         mesh: a `jax.sharding.Mesh` with a `data` axis (and optionally `fsdp`): the batch is split over it
-          (see `unclip_jax.pipelines.sharding`); None runs on one device.
+          (see `unclip_jax.sharding`); None runs on one device.
         output_type: "pil", "np" (float32 [B, H, W, 3] in [0, 1]) or "latent".
         callback_on_step_end(pipe, i, t, kwargs) -> dict: as diffusers, run on the host after every step
           through `io_callback` (one host round trip per step, only when given); kwargs holds numpy arrays,
@@ -456,10 +458,11 @@ class StableDiffusionDepth2ImgPipeline(PipelineBase):
           (same shapes) replace the loop's. The callback is part of the compiled program: a new function
           object compiles anew.
         progress_bar (default: when stderr is a terminal): shows the steps of the compiled loop.
-        cross_attention_kwargs: accepted as in diffusers; a LoRA `scale` in it is not supported yet.
+        cross_attention_kwargs: as in diffusers, only its `scale`: the weight of the active unfused LoRA
+          adapters (`load_lora_weights`), on the UNet and the text encoder (default 1.0).
         """
         check_output_type(output_type)
-        check_cross_attention_kwargs(cross_attention_kwargs)
+        params = with_lora(params, cross_attention_kwargs)
         tensor_inputs = tuple(callback_on_step_end_tensor_inputs or ())
         bad = [k for k in tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
         if bad:

@@ -231,19 +231,19 @@ def write_model_index(folder: str, index: dict[str, Any]) -> None:
 
 def save_pipeline(
     folder: str,
-    source: str,
+    source: str | dict[str, str],
     index: dict[str, Any],
     components: dict[str, Any],
     params: dict[str, Any],
 ) -> None:
     """Writes a pipeline folder: model_index.json, each component's config files copied from `source`
-    (or written from the component), and each model's params as orbax. Written to a temporary folder
+    (a pipeline folder, or a component folder per name; tokenizers and schedulers write their own), and each model's params as orbax. Written to a temporary folder
     and renamed into place, so a failed save leaves nothing half-written at `folder`."""
     with atomic_folder(folder) as tmp:
         index = dict(index)
         for name, comp in components.items():
             sub = os.path.join(tmp, name)
-            src = os.path.join(source, name)
+            src = source[name] if isinstance(source, dict) else os.path.join(source, name)
             os.makedirs(sub)
             if hasattr(comp, "create_state"):  # a scheduler, maybe swapped: write its own config
                 config = {"_class_name": type(comp).__name__, **dataclasses.asdict(comp.config)}
@@ -293,6 +293,9 @@ class PipelineBase:
             setattr(self, name, components[name])
         self._source: str | None = None
         self._index: dict | None = None
+        # Components loaded from elsewhere (e.g. a prior from another checkpoint): name -> (source
+        # component folder, model_index entry), so save_pretrained writes them whole.
+        self._foreign: dict[str, tuple[str, list]] = {}
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, *, dtype=jnp.float32, variant: str | None = None,
@@ -326,5 +329,9 @@ class PipelineBase:
 
     def save_pretrained(self, directory: str, params: dict[str, Any]) -> None:
         """Writes configs, tokenizer/processor files and orbax params; loading it needs no torch."""
-        index = dict(self._index or {"_class_name": type(self).__name__})
-        save_pipeline(directory, self._source or "", index, {n: getattr(self, n) for n in self.COMPONENTS}, params)
+        index = {**(self._index or {}), "_class_name": type(self).__name__}
+        sources = {n: os.path.join(self._source or "", n) for n in self.COMPONENTS}
+        for name, (src, entry) in self._foreign.items():
+            sources[name], index[name] = src, entry
+        index = {k: v for k, v in index.items() if k.startswith("_") or k in self.COMPONENTS}
+        save_pipeline(directory, sources, index, {n: getattr(self, n) for n in self.COMPONENTS}, params)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import jax
@@ -36,7 +37,6 @@ from unclip_jax.pipelines.common import (
     batch_size_of,
     cfg_batch,
     check_count,
-    check_cross_attention_kwargs,
     check_output_type,
     check_random_input,
     check_real,
@@ -47,10 +47,23 @@ from unclip_jax.pipelines.common import (
     sampling_loop,
     step_kwargs,
     want_progress,
+    with_lora,
 )
-from unclip_jax.pipelines.loading import PipelineBase
-from unclip_jax.pipelines.sharding import constrain, replicate, shard_call
+from unclip_jax.lora import LoraLoaderMixin
+from unclip_jax.pipelines.loading import PipelineBase, load_pipeline, read_model_index
+from unclip_jax.sharding import constrain, replicate, shard_call
+from unclip_jax.textual_inversion import TextualInversionLoaderMixin
 from unclip_jax.tokenizer import tokenize
+from unclip_jax.weights.safetensors_io import CheckpointError
+
+KARLO = "kakaobrain/karlo-v1-alpha"
+PRIOR_COMPONENTS = ("prior_tokenizer", "prior_text_encoder", "prior", "prior_scheduler")
+# Where a checkpoint with a prior keeps each of StableUnCLIPPipeline's prior components: Karlo's
+# UnCLIPPipeline (whose tokenizer and text encoder are CLIP ViT-L/14's), or another Stable unCLIP.
+PRIOR_LAYOUTS = {
+    "UnCLIPPipeline": dict(zip(PRIOR_COMPONENTS, ("tokenizer", "text_encoder", "prior", "prior_scheduler"))),
+    "StableUnCLIPPipeline": dict(zip(PRIOR_COMPONENTS, PRIOR_COMPONENTS)),
+}
 
 DECODER_COMPONENTS = ("image_normalizer", "image_noising_scheduler", "tokenizer", "text_encoder", "unet",
                       "scheduler", "vae")
@@ -81,7 +94,7 @@ class UnCLIPConfig:
     prior_guidance: bool = True
 
 
-class _UnCLIPDecoder(PipelineBase):
+class _UnCLIPDecoder(LoraLoaderMixin, TextualInversionLoaderMixin, PipelineBase):
     """What both Stable unCLIP pipelines share: prompt encoding, noise augmentation of the image
     embedding, the denoising loop and the VAE decode."""
 
@@ -216,7 +229,7 @@ class _UnCLIPDecoder(PipelineBase):
         """What `__call__` does: prepare, sample (with the host hooks), post-process."""
         check_output_type(output_type)
         check_count(callback_steps, "callback_steps")
-        check_cross_attention_kwargs(cross_attention_kwargs)
+        params = with_lora(params, cross_attention_kwargs)
         inputs, config = self.prepare(*args, params=params, key=key, **kwargs)
         if output_type == "latent":
             config = dataclasses.replace(config, output_type="latent")
@@ -232,12 +245,13 @@ class _UnCLIPDecoder(PipelineBase):
         then `sample`, then post-processing.
 
         mesh: a `jax.sharding.Mesh` with a `data` axis (and optionally `fsdp`): the batch is split over it
-          (see `unclip_jax.pipelines.sharding`); None runs on one device.
+          (see `unclip_jax.sharding`); None runs on one device.
         output_type: "pil", "np" (float32 [B, H, W, 3] in [0, 1]) or "latent".
         callback(i, t, latents): a host function called every `callback_steps` steps of each loop (the
           prior's, then the decoder's). progress_bar (default: when stderr is a terminal): shows the steps
           of each compiled loop.
-        cross_attention_kwargs: accepted as in diffusers; a LoRA `scale` in it is not supported yet.
+        cross_attention_kwargs: as in diffusers, only its `scale`: the weight of the active unfused LoRA
+          adapters (`load_lora_weights`), on the UNet and the text encoder (default 1.0).
         """
         return self._run(args, kwargs, params=params, key=key, mesh=mesh, output_type=output_type,
                          return_dict=return_dict, callback=callback, callback_steps=callback_steps,
@@ -254,10 +268,57 @@ def _step_key(key):
     return jax.random.key(0) if key is None else key
 
 
-class StableUnCLIPPipeline(_UnCLIPDecoder):
-    """Text-to-image Stable unCLIP (stabilityai/stable-diffusion-2-1-unclip-small with the Karlo prior)."""
+def prior_layout(folder: str) -> dict[str, str]:
+    """StableUnCLIPPipeline's prior components -> their names in the pipeline folder `folder`."""
+    found = read_model_index(folder).get("_class_name")
+    if found not in PRIOR_LAYOUTS:
+        raise CheckpointError(f"{folder}: a {found} has no prior; give a {' or a '.join(PRIOR_LAYOUTS)} "
+                              f"(e.g. {KARLO})")
+    return PRIOR_LAYOUTS[found]
 
-    COMPONENTS = ("prior_tokenizer", "prior_text_encoder", "prior", "prior_scheduler") + DECODER_COMPONENTS
+
+def load_prior(path_or_repo_id: str, *, dtype=jnp.float32, local_files_only: bool = False,
+               cache_dir: str | None = None, sharding=None, revision: str | None = None):
+    """The prior components of a Karlo (UnCLIPPipeline) or Stable unCLIP checkpoint, as
+    `StableUnCLIPPipeline.from_pretrained` overrides: (overrides, {name: (component folder, model_index
+    entry)}). Karlo's UnCLIPScheduler becomes a DDPMScheduler with its config, as in diffusers' recipe."""
+    from unclip_jax.pipelines.hub import resolve  # noqa: PLC0415
+    from unclip_jax.schedulers import scheduler_from_config  # noqa: PLC0415
+
+    every = tuple(sorted({n for layout in PRIOR_LAYOUTS.values() for n in layout.values()}))
+    folder = resolve(path_or_repo_id, every, revision=revision, local_files_only=local_files_only,
+                     cache_dir=cache_dir)
+    layout = prior_layout(folder)
+    index = read_model_index(folder)
+    comps, params = load_pipeline(folder, tuple(layout.values()), dtype=dtype, sharding=sharding)
+    overrides = {ours: (comps[theirs], params[theirs]) if theirs in params else comps[theirs]
+                 for ours, theirs in layout.items()}
+    scheduler = overrides["prior_scheduler"]
+    if type(scheduler).__name__ == "UnCLIPScheduler":
+        config = {"_class_name": "UnCLIPScheduler", **dataclasses.asdict(scheduler.config)}
+        overrides["prior_scheduler"] = scheduler_from_config(config, class_name="DDPMScheduler")
+    return overrides, {ours: (os.path.join(folder, theirs), index[theirs]) for ours, theirs in layout.items()}
+
+
+class StableUnCLIPPipeline(_UnCLIPDecoder):
+    """Text-to-image Stable unCLIP: a Stable unCLIP decoder with a prior, e.g.
+    `from_pretrained("stabilityai/stable-diffusion-2-1-unclip-small", prior="kakaobrain/karlo-v1-alpha")`."""
+
+    COMPONENTS = PRIOR_COMPONENTS + DECODER_COMPONENTS
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str, *, prior: str | None = None, **kwargs):
+        """As `PipelineBase.from_pretrained`; `prior`: a folder or repo id to take the prior from (its
+        tokenizer, text encoder, prior and scheduler), as diffusers' Stable unCLIP recipe assembles
+        Karlo's prior with a decoder-only checkpoint such as stable-diffusion-2-1-unclip-small.
+        `dtype`, `local_files_only`, `cache_dir` and `sharding` apply to both checkpoints."""
+        if prior is None:
+            return super().from_pretrained(path_or_repo_id, **kwargs)
+        where = {k: kwargs[k] for k in ("dtype", "local_files_only", "cache_dir", "sharding") if k in kwargs}
+        overrides, foreign = load_prior(prior, **where)
+        pipe, params = super().from_pretrained(path_or_repo_id, **kwargs, **overrides)
+        pipe._foreign.update(foreign)
+        return pipe, params
     SAMPLE_MODELS = ("prior",) + _UnCLIPDecoder.SAMPLE_MODELS
     BATCH_AXIS = {**PRIOR_BATCH_AXIS, **DECODER_BATCH_AXIS}
 
