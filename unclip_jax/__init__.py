@@ -5,7 +5,6 @@ frozen objects with immutable state pytrees; pipelines take params and a `jax.ra
 Everything is channels-last, and every random draw can be passed in.
 """
 
-from unclip_jax.conversion import convert_pipeline
 from unclip_jax.image_processing import CLIPImageProcessor
 from unclip_jax.image_processing_dpt import DPTImageProcessor
 from unclip_jax.models.clip import CLIPOutput, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
@@ -28,6 +27,15 @@ from unclip_jax.weights.orbax_io import restore_params, save_params
 from unclip_jax.weights.safetensors_io import CheckpointError
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Imported on first use: `python -m unclip_jax.conversion` must find the module not yet imported.
+    if name == "convert_pipeline":
+        from unclip_jax.conversion import convert_pipeline  # noqa: PLC0415
+
+        return convert_pipeline
+    raise AttributeError(f"module 'unclip_jax' has no attribute {name!r}")
 
 __all__ = [
     "AutoencoderKL",
