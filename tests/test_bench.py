@@ -44,6 +44,7 @@ def test_bad_arguments_are_refused():
     proc = subprocess.run([sys.executable, "-m", "unclip_jax.bench", "--what", "vae"], capture_output=True,
                           text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
     assert proc.returncode == 2 and "unknown" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("unclip-jax bench: error: "), proc.stderr
 
 
 def _qkv(b, t, s, n, h, seed, dtype=np.float32):

@@ -455,7 +455,9 @@ def _available_memory_mb() -> float | None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="unclip-jax bench", description=__doc__.split("\n\n")[0],
+    from unclip_jax.cli import OneLineParser  # noqa: PLC0415
+
+    p = OneLineParser(prog="unclip-jax bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", default="unet,pipeline", help="comma-separated: unet, pipeline (default both)")
     p.add_argument("--tiny", action="store_true", help="toy configs: runs in seconds (CI)")
@@ -487,7 +489,13 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from unclip_jax.cli import UsageError  # noqa: PLC0415
+
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        print(f"unclip-jax bench: error: {e}", file=sys.stderr)
+        return 2
     sides = ("jax",) if args.jax_only else ("jax", "diffusers")
     header = (f"unclip-jax bench: {'tiny' if args.tiny else 'real-size'} configs, {args.size}x{args.size}, "
               f"jax {args.dtype}" + ("" if args.jax_only else f" vs diffusers {args.torch_dtype} ({args.device})")

@@ -69,8 +69,9 @@ class UsageError(Exception):
     """A user mistake, reported as one line."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line (no usage dump), raised for `main` to report."""
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (no usage dump), raised as a UsageError for the command's
+    `main` to report (every `unclip-jax` command, the delegated `convert` and `bench` included)."""
 
     def error(self, message):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
@@ -103,13 +104,13 @@ _OUTPUT_NOTE = ("PNGs go to --out, numbered on from the highest number there (no
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Stable unCLIP (with the Karlo prior) and Stable Diffusion depth-to-image "
+    p = OneLineParser(prog=PROG, description="Stable unCLIP (with the Karlo prior) and Stable Diffusion depth-to-image "
                                        "in JAX.", formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog=f"Run `{PROG} COMMAND --help` for a command's options.\n\nexample (no network needed):\n"
                        f"  {PROG} tiny tiny-unclip\n"
                        f"  {PROG} txt2img \"a photo of a cat\" --model tiny-unclip --steps 4 --prior-steps 4 "
                        "--out out")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
 
     t = sub.add_parser("tiny", help="write a tiny random-weight checkpoint, for trying things out (no network)",
                        description="Writes a tiny random-weight pipeline folder (real layout, toy sizes, 32 x 32 "

@@ -120,13 +120,10 @@ def _progress(names, enabled: bool):
     return tqdm(total=len(names), unit="component", file=sys.stderr, disable=not enabled)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump, like every other user error
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    from unclip_jax.cli import OneLineParser  # noqa: PLC0415
+
+    p = OneLineParser(
         prog="unclip-jax convert",
         description="Convert a diffusers pipeline (folder or hub repo id) into an orbax folder that loads "
                     "without torch.")
@@ -144,14 +141,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The conversion command; user errors end with one line on stderr and exit status 2."""
+    from unclip_jax.cli import UsageError  # noqa: PLC0415
     from unclip_jax.weights.safetensors_io import CheckpointError  # noqa: PLC0415
 
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         out = convert_pipeline(args.source, args.out, dtype=args.dtype, variant=args.variant,
                                revision=args.revision, local_files_only=args.local_files_only,
                                cache_dir=args.cache_dir, overwrite=args.overwrite, progress=not args.quiet)
-    except (CheckpointError, ValueError, FileExistsError, FileNotFoundError) as e:
+    except (UsageError, CheckpointError, ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"unclip-jax convert: error: {e}".splitlines()[0], file=sys.stderr)
         return 2
     print(out)
