@@ -55,7 +55,6 @@ PIPELINES = {
     "variation": "StableUnCLIPImg2ImgPipeline",
     "depth2img": "StableDiffusionDepth2ImgPipeline",
 }
-# Where a prior comes from (--prior): pipeline class -> {StableUnCLIPPipeline's name: the folder's name}.
 # Subcommands that hand their arguments over whole to another module's `main(argv) -> int`.
 DELEGATES = {
     "convert": ("unclip_jax.conversion", "convert a diffusers/PyTorch checkpoint to an orbax pipeline folder"),
