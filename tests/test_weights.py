@@ -20,9 +20,11 @@ from torch_ref import randomize_
 
 from unclip_jax.weights.checkpoint import find_weight_files, load_state_dict
 from unclip_jax.weights.components import load_component
-from unclip_jax.weights.convert import ConversionError, Rules, abstract_params, convert, plan
+from unclip_jax.weights.convert import Rules, abstract_params, convert, plan
+from unclip_jax.weights.errors import CheckpointError, ConversionError
 from unclip_jax.weights.orbax_io import restore_params, save_params
-from unclip_jax.weights.safetensors_io import CheckpointError, SafetensorsFile, read_header, save_file
+from unclip_jax.weights.safetensors_io import SafetensorsFile, read_header, save_file
+from unclip_jax.weights.tree import check_tree
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +244,22 @@ def test_runtime_never_imports_torch():
     code = ("import sys, unclip_jax, unclip_jax.weights.components, unclip_jax.tokenizer, "
             "unclip_jax.image_processing; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_check_tree_names_every_mismatch_with_shapes():
+    want = {"a": {"kernel": jax.ShapeDtypeStruct((3, 4), jnp.float32), "bias": jax.ShapeDtypeStruct((4,), jnp.float32)},
+            "b": {"scale": jax.ShapeDtypeStruct((4,), jnp.float32)}}
+    check_tree({"a": {"kernel": np.zeros((3, 4)), "bias": np.zeros(4)}, "b": {"scale": np.ones(4)}}, want, "unet")
+    bad = {"a": {"kernel": np.zeros((4, 3)), "bias": np.zeros(4)}, "c": {"scale": np.ones(4)}}
+    with pytest.raises(ConversionError) as e:
+        check_tree(bad, want, "unet")
+    assert e.value.missing == ["b/scale"] and e.value.unexpected == ["c/scale"]
+    assert e.value.misshaped == ["a/kernel (4, 3), expected (3, 4)"]
+    msg = str(e.value)
+    assert msg.startswith("unet: the params do not match the model.")
+    assert "missing from the params (1): b/scale" in msg and "a/kernel (4, 3), expected (3, 4)" in msg
+    # Errors are ValueErrors and importable from the package top and from where they were defined before.
+    import unclip_jax
+    from unclip_jax.weights import safetensors_io
+    assert unclip_jax.ConversionError is ConversionError and safetensors_io.CheckpointError is CheckpointError
+    assert issubclass(ConversionError, ValueError) and issubclass(CheckpointError, ValueError)

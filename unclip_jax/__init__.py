@@ -22,9 +22,8 @@ from unclip_jax.sharding import make_mesh, shard_params
 from unclip_jax.textual_inversion import TextualInversionLoaderMixin
 from unclip_jax.tokenizer import load_tokenizer, maybe_convert_prompt, tokenize, write_clip_tokenizer
 from unclip_jax.weights.components import load_component
-from unclip_jax.weights.convert import ConversionError
+from unclip_jax.weights.errors import CheckpointError, ConversionError
 from unclip_jax.weights.orbax_io import restore_params, save_params
-from unclip_jax.weights.safetensors_io import CheckpointError
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from unclip_jax.tokenizer import add_tokens, maybe_convert_prompt
 from unclip_jax.weights.checkpoint import StateDict
-from unclip_jax.weights.safetensors_io import CheckpointError
+from unclip_jax.weights.errors import CheckpointError
 
 TEXT_INVERSION_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
 _TABLE = ("text_model", "embeddings", "token_embedding", "embedding")

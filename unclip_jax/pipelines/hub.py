@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 
 from unclip_jax.weights.checkpoint import is_aux_file, pipeline_weight_sets
-from unclip_jax.weights.safetensors_io import CheckpointError
+from unclip_jax.weights.errors import CheckpointError
 
 _REPO_ID = re.compile(r"[\w.\-]+(/[\w.\-]+)?")
 

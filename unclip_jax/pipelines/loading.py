@@ -28,8 +28,9 @@ from unclip_jax.tokenizer import load_tokenizer
 from unclip_jax.weights import components as registry
 from unclip_jax.weights.checkpoint import is_aux_file, pipeline_weight_sets, read_config
 from unclip_jax.weights.convert import abstract_params
+from unclip_jax.weights.errors import CheckpointError
 from unclip_jax.weights.orbax_io import restore_params, save_params, saved_structure
-from unclip_jax.weights.safetensors_io import CheckpointError
+from unclip_jax.weights.tree import check_tree, param_path
 
 ORBAX_DIR = "orbax_params"
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
@@ -72,11 +73,6 @@ def component_class(index: dict, name: str, folder: str) -> str | None:
     return entry[1]
 
 
-def param_path(path) -> str:
-    """A param's tree path as "down_blocks_0/resnets_0/conv1/kernel"."""
-    return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
 def placements(sharding: ShardingSpec | None, component: str, abstract):
     """The tree of shardings for `abstract`'s params (None: no placement asked)."""
     if sharding is None:
@@ -90,7 +86,7 @@ def _load_model(name: str, sub: str, cls: str, dtype, variant, sharding: Shardin
     if os.path.isdir(os.path.join(sub, ORBAX_DIR)):
         built = registry.build(read_config(sub), dtype, cls, sub)
         saved = saved_structure(os.path.join(sub, ORBAX_DIR))
-        _check_tree(saved, abstract_params(built.module, *built.dummy_inputs), sub)
+        check_tree(saved, abstract_params(built.module, *built.dummy_inputs), sub, source="saved params")
         # The saved param dtype wins over the abstract init's float32; orbax reads each array straight
         # into its sharding, so no full host copy is made first.
         where = placements(sharding, name, saved)
@@ -100,17 +96,6 @@ def _load_model(name: str, sub: str, cls: str, dtype, variant, sharding: Shardin
     module, params = registry.load_component(sub, dtype=dtype, variant=variant, architecture=cls)
     where = placements(sharding, name, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
     return module, params if where is None else jax.device_put(params, where)
-
-
-def _check_tree(params, target, where: str) -> None:
-    got = {param_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    want = {param_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
-    if got != want:
-        missing = sorted(set(want) - set(got))
-        extra = sorted(set(got) - set(want))
-        bad = sorted(f"{k} {got[k]} (config: {want[k]})" for k in set(got) & set(want) if got[k] != want[k])
-        raise CheckpointError(f"{where}: saved params do not fit the config: missing {missing[:10]}, "
-                              f"unexpected {extra[:10]}, wrong shape {bad[:10]}")
 
 
 def component_listing(folder: str, names) -> dict[str, list[str]]:

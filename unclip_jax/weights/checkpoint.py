@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unclip_jax.weights.safetensors_io import CheckpointError, SafetensorsFile
+from unclip_jax.weights.errors import CheckpointError
+from unclip_jax.weights.safetensors_io import SafetensorsFile
 
 # diffusers models, transformers models (new and old names).
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")

@@ -24,7 +24,7 @@ from unclip_jax.weights.unet import UNET
 from unclip_jax.weights.vae import VAE
 from unclip_jax.weights.checkpoint import load_state_dict, read_config
 from unclip_jax.weights.convert import Rules, abstract_params, convert
-from unclip_jax.weights.safetensors_io import CheckpointError
+from unclip_jax.weights.errors import CheckpointError
 
 
 @dataclass(frozen=True)

@@ -24,23 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from unclip_jax.weights.errors import ConversionError
+from unclip_jax.weights.tree import compare
 
-class ConversionError(ValueError):
-    """A state dict does not fit the model: the message lists every offending name."""
-
-    def __init__(self, what: str, missing=(), unexpected=(), misshaped=()):
-        self.missing, self.unexpected, self.misshaped = list(missing), list(unexpected), list(misshaped)
-        lines = [f"{what}: the checkpoint does not match the model."]
-
-        def block(title, items):
-            if items:
-                shown = items[:40]
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown) + (" ..." if len(items) > 40 else ""))
-
-        block("missing from the checkpoint", self.missing)
-        block("unexpected in the checkpoint", self.unexpected)
-        block("wrong shape", self.misshaped)
-        super().__init__("\n".join(lines))
+__all__ = ["LAYOUTS", "ConversionError", "Rules", "Step", "abstract_params", "convert", "plan"]
 
 
 @dataclass(frozen=True)
@@ -129,9 +116,10 @@ def plan(
       what: the component's name, for the error.
     """
     target = traverse_util.flatten_dict(_unfreeze(abstract_params))
-    steps: list[Step] = []
-    unexpected, misshaped = [], []
-    filled: set[tuple[str, ...]] = set()
+    steps: dict[str, Step] = {}
+    got: dict[str, tuple[int, ...]] = {}
+    sources: dict[str, tuple[str, tuple[int, ...]]] = {}
+    unexpected, duplicates = [], []
     for key, shape in shapes.items():
         if rules.ignored(key):
             continue
@@ -142,19 +130,22 @@ def plan(
         if dest is None:
             unexpected.append(key)
             continue
-        want = tuple(target[dest].shape)
-        layout = LAYOUTS.get((dest[-1], len(shape), len(want)), _identity)
-        got = tuple(jax.eval_shape(layout, jax.ShapeDtypeStruct(tuple(shape), jnp.float32)).shape) \
-            if layout is not _identity else tuple(shape)
-        if got != want or dest in filled:
-            misshaped.append(f"{key} {tuple(shape)} -> {'/'.join(dest)} {want}")
+        name, want = "/".join(dest), tuple(target[dest].shape)
+        if name in got:
+            duplicates.append(f"{key} {tuple(shape)} -> {name} {want}")
             continue
-        filled.add(dest)
-        steps.append(Step(key, dest, layout))
-    missing = ["/".join(p) for p in target if p not in filled]
-    if missing or unexpected or misshaped:
-        raise ConversionError(what, missing, unexpected, misshaped)
-    return steps
+        layout = LAYOUTS.get((dest[-1], len(shape), len(want)), _identity)
+        got[name] = tuple(jax.eval_shape(layout, jax.ShapeDtypeStruct(tuple(shape), jnp.float32)).shape) \
+            if layout is not _identity else tuple(shape)
+        sources[name] = (key, tuple(shape))
+        steps[name] = Step(key, dest, layout)
+    want = {"/".join(p): tuple(x.shape) for p, x in target.items()}
+    missing, _, misshaped = compare(got, want)
+    if missing or unexpected or misshaped or duplicates:
+        # A param whose tensor has the wrong shape is missing too: nothing fills it.
+        bad = [f"{sources[n][0]} {sources[n][1]} -> {n} {want[n]}" for n in misshaped]
+        raise ConversionError(what, sorted(missing + misshaped), unexpected, bad + duplicates)
+    return list(steps.values())
 
 
 def convert(

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from unclip_jax.weights.safetensors_io import CheckpointError
+from unclip_jax.weights.errors import CheckpointError
 
 
 def save_params(directory: str, params) -> None:

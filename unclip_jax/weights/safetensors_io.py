@@ -18,6 +18,10 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from unclip_jax.weights.errors import CheckpointError
+
+__all__ = ["CheckpointError", "SafetensorsFile", "TensorInfo", "read_header", "read_metadata", "save_file"]
+
 _DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -33,10 +37,6 @@ _DTYPES = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 # A header larger than this is not a safetensors header but garbage (the format caps it at 100 MB).
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or folder cannot be read; the message names the file or tensor."""
 
 
 @dataclass(frozen=True)
