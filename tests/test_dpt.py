@@ -27,8 +27,8 @@ from torch_ref import assert_close, nhwc_to_nchw, randomize_, to_numpy
 from unclip_jax.image_processing_dpt import DPTImageProcessor
 from unclip_jax.models.config import UnsupportedConfigError
 from unclip_jax.models.dpt import DPTConfig, DPTForDepthEstimation, dummy_inputs
-from unclip_jax.weights.convert import abstract_params, plan
-from unclip_jax.weights.dpt import DPT, convert_dpt
+from unclip_jax.weights.convert import abstract_params, convert, plan
+from unclip_jax.weights.tables import DPT
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "configs")
 
@@ -88,7 +88,8 @@ def _build(name):
     with torch.no_grad():
         out = ref(nhwc_to_nchw(x), output_hidden_states=True)
     config = DPTConfig.from_dict(ref.config.to_dict())
-    params = convert_dpt({k: to_numpy(v) for k, v in ref.state_dict().items()}, config)
+    params = convert({k: to_numpy(v) for k, v in ref.state_dict().items()},
+                     abstract_params(DPTForDepthEstimation(config), *dummy_inputs(config)), DPT, "depth_estimator")
     return dict(
         config=config, params=params, x=x,
         depth=to_numpy(out.predicted_depth), hidden=[to_numpy(s) for s in out.hidden_states],

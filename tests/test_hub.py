@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from unclip_jax import CheckpointError, StableUnCLIPImg2ImgPipeline, StableUnCLIPPipeline
-from unclip_jax.pipelines.hub import resolve, select_files
+from unclip_jax.weights.hub import resolve, select_files
 from unclip_jax.weights.safetensors_io import SafetensorsFile, save_file
 
 # stabilityai/stable-diffusion-2-1-unclip as listed on the hub (every component in PyTorch .bin and
@@ -267,7 +267,7 @@ def test_hf_hub_offline_environment(hub_cache):
     """HF_HUB_OFFLINE=1 (read by huggingface_hub at import, hence a fresh process) means the cache only,
     without local_files_only."""
     cache, _ = hub_cache
-    code = ("import sys, huggingface_hub; from unclip_jax.pipelines.hub import resolve\n"
+    code = ("import sys, huggingface_hub; from unclip_jax.weights.hub import resolve\n"
             "def ask(*a, **k): raise SystemExit('the hub was asked for a listing')\n"
             "huggingface_hub.HfApi.list_repo_files = ask\n"
             "print(resolve('org/unclip-img2img', ('unet',), cache_dir=sys.argv[1], revision='v1'))")

@@ -28,7 +28,7 @@ from unclip_jax.models.prior import (
     prior_attention_mask,
 )
 from unclip_jax.weights.convert import abstract_params, convert, plan
-from unclip_jax.weights.prior import IMAGE_NORMALIZER, PRIOR
+from unclip_jax.weights.tables import IMAGE_NORMALIZER, PRIOR
 
 FP32_REL = 1e-4
 # bf16 activations (8-bit mantissa) through 1-2 blocks: measured max error 2e-2 x output scale

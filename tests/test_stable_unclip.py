@@ -12,6 +12,7 @@ from torch_ref import feed_noise, nhwc_to_nchw
 
 import unclip_jax as uj
 from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline
+from unclip_jax.tokenizer import tokenize
 
 TOL = 2e-3  # max abs on images in [0, 1], fp32
 
@@ -76,7 +77,7 @@ def test_txt2img_parity(pipeline_pairs, shape, case):
 def test_txt2img_prompt_embeds_need_the_prompt_alone(unclip):
     """As in diffusers, text-to-image takes `prompt` (the prior reads it) and refuses `prompt_embeds` beside it."""
     ref, pipe, params = unclip
-    ids, _ = uj.tokenize(pipe.tokenizer, ["a cat"])
+    ids, _ = tokenize(pipe.tokenizer, ["a cat"])
     embeds = pipe.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
     common = dict(params=params, key=jax.random.key(3), height=32, width=32, num_inference_steps=2,
                   prior_num_inference_steps=2, output_type="np", guidance_scale=1.0)
@@ -234,8 +235,8 @@ def test_img2img_prompt_embeds_given(img2img):
     """Given prompt and negative prompt embeddings (clip_skip applied by us when encoding them) match
     diffusers fed the same embeddings."""
     ref, pipe, params = img2img
-    ids, _ = uj.tokenize(pipe.tokenizer, ["a cat", "a dog"])
-    nids, _ = uj.tokenize(pipe.tokenizer, ["", "blurry"])
+    ids, _ = tokenize(pipe.tokenizer, ["a cat", "a dog"])
+    nids, _ = tokenize(pipe.tokenizer, ["", "blurry"])
     enc = pipe.text_encoder.apply
     pe = np.asarray(enc({"params": params["text_encoder"]}, ids, clip_skip=1).last_hidden_state)
     npe = np.asarray(enc({"params": params["text_encoder"]}, nids).last_hidden_state)

@@ -17,7 +17,7 @@ from torch_ref import assert_close, nchw_to_nhwc, nhwc_to_nchw, randomize_
 from unclip_jax.models.config import UnsupportedConfigError
 from unclip_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel, dummy_inputs
 from unclip_jax.weights.convert import abstract_params, convert, plan
-from unclip_jax.weights.unet import UNET
+from unclip_jax.weights.tables import UNET
 
 RTOL = 1e-4  # fp32, relative to the output's scale
 

@@ -17,7 +17,7 @@ from torch_ref import assert_close, nchw_to_nhwc, nhwc_to_nchw, randomize_
 from unclip_jax.models.config import UnsupportedConfigError
 from unclip_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian, dummy_inputs
 from unclip_jax.weights.convert import abstract_params, convert, plan
-from unclip_jax.weights.vae import VAE
+from unclip_jax.weights.tables import VAE
 
 RTOL = 1e-4
 

@@ -7,20 +7,20 @@ Everything is channels-last, and every random draw can be passed in.
 
 from unclip_jax.image_processing import CLIPImageProcessor
 from unclip_jax.image_processing_dpt import DPTImageProcessor
-from unclip_jax.models.clip import CLIPOutput, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+from unclip_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 from unclip_jax.models.config import UnsupportedConfigError
 from unclip_jax.models.dpt import DPTConfig, DPTForDepthEstimation
 from unclip_jax.models.prior import PriorTransformer, PriorTransformerConfig, StableUnCLIPImageNormalizer
 from unclip_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from unclip_jax.lora import LoraError, LoraLoaderMixin, lora_params
-from unclip_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian
+from unclip_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 from unclip_jax.pipelines.common import ImagePipelineOutput
 from unclip_jax.pipelines.depth2img import Depth2ImgConfig, StableDiffusionDepth2ImgPipeline
 from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline, StableUnCLIPPipeline, UnCLIPConfig
 from unclip_jax.schedulers import SCHEDULERS, SchedulerOutput, scheduler_from_config
 from unclip_jax.sharding import make_mesh, shard_params
 from unclip_jax.textual_inversion import TextualInversionLoaderMixin
-from unclip_jax.tokenizer import load_tokenizer, maybe_convert_prompt, tokenize, write_clip_tokenizer
+from unclip_jax.tokenizer import load_tokenizer
 from unclip_jax.weights.components import load_component
 from unclip_jax.weights.errors import CheckpointError, ConversionError
 from unclip_jax.weights.orbax_io import restore_params, save_params
@@ -40,7 +40,6 @@ __all__ = [
     "AutoencoderKL",
     "AutoencoderKLConfig",
     "CLIPImageProcessor",
-    "CLIPOutput",
     "CLIPTextConfig",
     "CLIPTextModel",
     "CLIPVisionConfig",
@@ -51,7 +50,6 @@ __all__ = [
     "DPTForDepthEstimation",
     "DPTImageProcessor",
     "Depth2ImgConfig",
-    "DiagonalGaussian",
     "ImagePipelineOutput",
     "LoraError",
     "LoraLoaderMixin",
@@ -73,11 +71,8 @@ __all__ = [
     "load_tokenizer",
     "lora_params",
     "make_mesh",
-    "maybe_convert_prompt",
     "restore_params",
     "save_params",
     "scheduler_from_config",
     "shard_params",
-    "tokenize",
-    "write_clip_tokenizer",
 ]

@@ -278,7 +278,7 @@ def _check(args) -> None:
 
 def _check_pipeline_class(folder: str, args) -> None:
     """A folder made for another pipeline is named as such (instead of a missing-component error)."""
-    from unclip_jax.pipelines.loading import read_model_index  # noqa: PLC0415
+    from unclip_jax.weights.folder import read_model_index  # noqa: PLC0415
 
     found = read_model_index(folder).get("_class_name")
     want = PIPELINES[args.command]
@@ -289,7 +289,7 @@ def _check_pipeline_class(folder: str, args) -> None:
     other = next(c for c, p in PIPELINES.items() if p == found)
     hint = f"use `{PROG} {other}`"
     if args.command == "txt2img" and found == PIPELINES["variation"]:
-        from unclip_jax.pipelines.stable_unclip import KARLO  # noqa: PLC0415
+        from unclip_jax.weights.folder import KARLO  # noqa: PLC0415
 
         hint = f"add --prior {KARLO} for text-to-image with its decoder, or {hint}"
     raise UsageError(f"{folder} is a {found} checkpoint; `{args.command}` needs a {want} ({hint})")
@@ -297,8 +297,8 @@ def _check_pipeline_class(folder: str, args) -> None:
 
 def _prior_layout(folder: str) -> dict[str, str]:
     """StableUnCLIPPipeline's prior components -> their names in the --prior folder."""
-    from unclip_jax.pipelines.stable_unclip import prior_layout  # noqa: PLC0415
-    from unclip_jax.weights.safetensors_io import CheckpointError  # noqa: PLC0415
+    from unclip_jax.weights.errors import CheckpointError  # noqa: PLC0415
+    from unclip_jax.weights.folder import prior_layout  # noqa: PLC0415
 
     try:
         return prior_layout(folder)
@@ -345,7 +345,7 @@ def _load(args, progress: bool):
     import jax.numpy as jnp  # noqa: PLC0415
 
     import unclip_jax  # noqa: PLC0415
-    from unclip_jax.pipelines.hub import resolve  # noqa: PLC0415
+    from unclip_jax.weights.hub import resolve  # noqa: PLC0415
     from unclip_jax.schedulers import scheduler_from_config  # noqa: PLC0415
     from unclip_jax.weights.checkpoint import read_config  # noqa: PLC0415
 

@@ -7,7 +7,9 @@ The pipeline class comes from `_class_name` in the source's model_index.json. Co
 one at a time (each model's PyTorch tensors read from the memory-mapped file, transposed and cast one
 by one, written as orbax, then dropped), so at most one component's weights are held at once. The
 output is written into a hidden temporary folder beside OUT and renamed into place at the end: an
-interrupted or failed conversion leaves nothing at OUT, and never damages an existing OUT.
+interrupted or failed conversion leaves nothing at OUT, and never damages an existing OUT; with
+--overwrite, only a pipeline folder (one with model_index.json) is replaced, and anything else at OUT is
+refused before any work.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ import time
 
 import ml_dtypes
 import numpy as np
+from tqdm.auto import tqdm
+
+from unclip_jax.weights import folder as disk
+from unclip_jax.weights.checkpoint import pipeline_weight_sets
+from unclip_jax.weights.components import ARCHITECTURES, load_component
+from unclip_jax.weights.hub import resolve
+from unclip_jax.weights.orbax_io import ORBAX_DIR, save_params
 
 DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16)}
 # Testing hook: seconds to sleep after each component, so a test can kill the process midway.
@@ -43,43 +52,38 @@ def convert_pipeline(
     local_files_only: bool = False,
     cache_dir: str | None = None,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> str:
     """Converts the pipeline at `source` (a diffusers folder or hub repo id) into an orbax folder `out`.
 
     Args:
       dtype: the saved param dtype, "fp32", "bf16" or "fp16" (each tensor is cast on its own).
       variant, revision, local_files_only, cache_dir: which weights to read, as in `from_pretrained`.
-      overwrite: replace an existing `out` (atomically swapped in at the end); otherwise it is an error.
-      progress: a progress bar over the components on stderr.
+      overwrite: replace an existing `out` if it is a pipeline folder (atomically swapped in at the end);
+        anything else at `out` is refused before any work, as is an existing `out` without `overwrite`.
+      progress: a progress bar over the components on stderr (default: when stderr is a terminal).
     Returns:
       `out`.
     """
-    from unclip_jax.pipelines import loading  # noqa: PLC0415
-    from unclip_jax.pipelines.hub import resolve  # noqa: PLC0415
-    from unclip_jax.weights.checkpoint import pipeline_weight_sets  # noqa: PLC0415
-    from unclip_jax.weights.components import ARCHITECTURES  # noqa: PLC0415
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    disk.check_destination(os.path.abspath(out), overwrite=overwrite)
     where = dict(revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
     # The pipeline class decides what to fetch, so the index comes first (alone), then its components.
-    pipeline = _pipeline_class(loading.read_model_index(resolve(source, (), **where)), source)
+    pipeline = _pipeline_class(disk.read_model_index(resolve(source, (), **where)), source)
     folder = resolve(source, pipeline.COMPONENTS, variant=variant, **where)
-    index = loading.read_model_index(folder)
+    index = disk.read_model_index(folder)
     names = pipeline.COMPONENTS
-    kinds = {n: loading.component_class(index, n, folder) for n in names}
-    weights = pipeline_weight_sets(loading.component_listing(folder, names), variant, folder)
+    kinds = {n: disk.component_class(index, n, folder) for n in names}
+    weights = pipeline_weight_sets(disk.component_listing(folder, names), variant, folder)
     pause = float(os.environ.get(PAUSE_ENV) or 0)
-    with loading.atomic_folder(out, overwrite=overwrite) as tmp, _progress(names, progress) as bar:
+    with disk.atomic_folder(out, overwrite=overwrite) as tmp, _progress(names, progress) as bar:
         for name in names:
             bar.set_description(name)
             src, dst = os.path.join(folder, name), os.path.join(tmp, name)
             if kinds[name] is not None:
                 os.makedirs(dst)
-                loading.copy_aux_files(src, dst)
+                disk.copy_aux_files(src, dst)
             if kinds[name] in ARCHITECTURES:  # a model: its weights are required (an error names the folder)
                 convert_component(src, dst, dtype=dtype, variant=weights[name].variant if name in weights else None,
                                   architecture=kinds[name])
@@ -87,7 +91,7 @@ def convert_pipeline(
             if pause:
                 time.sleep(pause)
         kept = {k: v for k, v in index.items() if k.startswith("_") or k in names}
-        loading.write_model_index(tmp, kept)
+        disk.write_model_index(tmp, kept)
     return out
 
 
@@ -98,10 +102,6 @@ def convert_component(src: str, dst: str, *, dtype: str = "fp32", variant: str |
     Tensors are read from the memory-mapped checkpoint and cast one at a time, and the params are
     dropped once written: peak memory is about two copies of this component's weights.
     """
-    from unclip_jax.pipelines.loading import ORBAX_DIR  # noqa: PLC0415
-    from unclip_jax.weights.components import load_component  # noqa: PLC0415
-    from unclip_jax.weights.orbax_io import save_params  # noqa: PLC0415
-
     _, params = load_component(src, param_dtype=DTYPES[dtype], variant=variant, architecture=architecture)
     save_params(os.path.join(dst, ORBAX_DIR), params)
 
@@ -115,9 +115,8 @@ def _pipeline_class(index: dict, source: str):
 
 
 def _progress(names, enabled: bool):
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    return tqdm(total=len(names), unit="component", file=sys.stderr, disable=not enabled)
+    return tqdm(total=len(names), unit="component", file=sys.stderr,
+                disable=not (sys.stderr.isatty() if enabled is None else enabled))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -142,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """The conversion command; user errors end with one line on stderr and exit status 2."""
     from unclip_jax.cli import UsageError  # noqa: PLC0415
-    from unclip_jax.weights.safetensors_io import CheckpointError  # noqa: PLC0415
+    from unclip_jax.weights.errors import CheckpointError  # noqa: PLC0415
 
     try:
         args = _parser().parse_args(argv)

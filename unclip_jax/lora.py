@@ -44,14 +44,13 @@ from unclip_jax.weights import tables
 from unclip_jax.weights.checkpoint import StateDict
 from unclip_jax.weights.convert import LAYOUTS, ConversionError, Rules, plan
 from unclip_jax.weights.safetensors_io import read_metadata
-from unclip_jax.weights.unet import UNET
 
 LORA = "lora"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
 
 # The components a LoRA file may address, and how their PyTorch names become our param paths.
-COMPONENT_RULES: dict[str, Rules] = {"unet": UNET, "text_encoder": tables.CLIP_TEXT}
+COMPONENT_RULES: dict[str, Rules] = {"unet": tables.UNET, "text_encoder": tables.CLIP_TEXT}
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
 
 # Older diffusers spellings -> peft's `<module>.lora_A.weight` / `<module>.lora_B.weight` (the attention

@@ -144,11 +144,11 @@ def write_tiny(kind: str, folder: str, seed: int = 0) -> str:
     """Writes the tiny `kind` checkpoint (one of `KINDS`) to `folder`, which must not exist; returns it."""
     from unclip_jax.image_processing import CLIPImageProcessor  # noqa: PLC0415
     from unclip_jax.image_processing_dpt import DPTImageProcessor  # noqa: PLC0415
-    from unclip_jax.pipelines.loading import save_pipeline  # noqa: PLC0415
     from unclip_jax.schedulers import scheduler_from_config  # noqa: PLC0415
     from unclip_jax.tokenizer import load_tokenizer  # noqa: PLC0415
     from unclip_jax.weights.components import build  # noqa: PLC0415
     from unclip_jax.weights.convert import abstract_params  # noqa: PLC0415
+    from unclip_jax.weights.folder import save_pipeline  # noqa: PLC0415
 
     if kind not in CONFIGS:
         raise ValueError(f"unknown tiny checkpoint kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -186,7 +186,3 @@ def write_tiny(kind: str, folder: str, seed: int = 0) -> str:
         save_pipeline(folder, src, index, components, params)
     return folder
 
-
-def write_tiny_unclip(folder: str, seed: int = 0) -> str:
-    """The tiny StableUnCLIPPipeline checkpoint (`write_tiny("unclip", ...)`)."""
-    return write_tiny("unclip", folder, seed)

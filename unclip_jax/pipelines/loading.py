@@ -1,107 +1,40 @@
-"""Pipeline folders: diffusers' layout (model_index.json + one folder per component) in, and out.
+"""The pipelines' base class and the loading of a pipeline's components from a folder.
 
-`load_pipeline` reads each component named in model_index.json by its class: models (converted from
-PyTorch weights, or restored from the orbax checkpoint that `save_pipeline` writes beside their
-config), schedulers (from scheduler_config.json), tokenizers and image processors. Components given
-by keyword replace the folder's; params can be placed in a given sharding as they load (orbax reads
-each array straight into it). `save_pipeline` writes the same layout with orbax params, so a saved
-folder loads without torch; every write goes through `atomic_folder` (temporary folder, then rename).
+The disk format (model_index.json, component folders, orbax params, atomic writes), the hub and the
+one model-component loader live in `unclip_jax.weights`; here each component named in model_index.json
+becomes its object by its class: a model through `weights.components.load_component`, a scheduler from
+its scheduler_config.json, a tokenizer, an image processor.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import dataclasses
-import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from typing import Any, Union
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from unclip_jax.image_processing import CLIPImageProcessor
+from unclip_jax.image_processing_dpt import DPTImageProcessor
+from unclip_jax.schedulers import SCHEDULERS
 from unclip_jax.tokenizer import load_tokenizer
-from unclip_jax.weights import components as registry
-from unclip_jax.weights.checkpoint import is_aux_file, pipeline_weight_sets, read_config
-from unclip_jax.weights.convert import abstract_params
-from unclip_jax.weights.errors import CheckpointError
-from unclip_jax.weights.orbax_io import restore_params, save_params, saved_structure
-from unclip_jax.weights.tree import check_tree, param_path
+from unclip_jax.weights.checkpoint import pipeline_weight_sets, read_config
+from unclip_jax.weights.components import ShardingSpec, load_component
+from unclip_jax.weights.folder import (
+    TOKENIZER_CLASSES,
+    component_class,
+    component_listing,
+    read_model_index,
+    save_pipeline,
+)
+from unclip_jax.weights.hub import resolve
 
-ORBAX_DIR = "orbax_params"
-TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
-
-# Where params go: one sharding for every param, or (component, "path/to/param", abstract) -> sharding.
-ShardingSpec = Union[jax.sharding.Sharding, Callable[[str, str, jax.ShapeDtypeStruct], jax.sharding.Sharding]]
-
-
-def _processor_loaders():
-    from unclip_jax.image_processing_dpt import DPTImageProcessor  # noqa: PLC0415
-
-    # transformers v5 records its PIL-backend classes (`...Pil`) in folders it saves.
-    return {
-        **dict.fromkeys(("CLIPImageProcessor", "CLIPFeatureExtractor", "CLIPImageProcessorPil"),
-                        CLIPImageProcessor.from_pretrained),
-        **dict.fromkeys(("DPTImageProcessor", "DPTFeatureExtractor", "DPTImageProcessorPil"),
-                        DPTImageProcessor.from_pretrained),
-    }
-
-
-def read_model_index(folder: str) -> dict[str, Any]:
-    path = os.path.join(folder, "model_index.json")
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"{folder}: no such pipeline folder")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: missing (not a diffusers pipeline folder)") from e
-    except ValueError as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from e
-
-
-def component_class(index: dict, name: str, folder: str) -> str | None:
-    entry = index.get(name)
-    if entry is None:
-        raise CheckpointError(f"{folder}/model_index.json: names no component {name!r}")
-    if entry[1] is None:  # an optional component saved as absent
-        return None
-    return entry[1]
-
-
-def placements(sharding: ShardingSpec | None, component: str, abstract):
-    """The tree of shardings for `abstract`'s params (None: no placement asked)."""
-    if sharding is None:
-        return None
-    if isinstance(sharding, jax.sharding.Sharding):
-        return jax.tree.map(lambda _: sharding, abstract)
-    return jax.tree_util.tree_map_with_path(lambda p, x: sharding(component, param_path(p), x), abstract)
-
-
-def _load_model(name: str, sub: str, cls: str, dtype, variant, sharding: ShardingSpec | None):
-    if os.path.isdir(os.path.join(sub, ORBAX_DIR)):
-        built = registry.build(read_config(sub), dtype, cls, sub)
-        saved = saved_structure(os.path.join(sub, ORBAX_DIR))
-        check_tree(saved, abstract_params(built.module, *built.dummy_inputs), sub, source="saved params")
-        # The saved param dtype wins over the abstract init's float32; orbax reads each array straight
-        # into its sharding, so no full host copy is made first.
-        where = placements(sharding, name, saved)
-        target = None if where is None else jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), saved, where)
-        return built.module, restore_params(os.path.join(sub, ORBAX_DIR), target)
-    module, params = registry.load_component(sub, dtype=dtype, variant=variant, architecture=cls)
-    where = placements(sharding, name, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
-    return module, params if where is None else jax.device_put(params, where)
-
-
-def component_listing(folder: str, names) -> dict[str, list[str]]:
-    """component -> the file names in its sub-folder of `folder` (empty when absent)."""
-    return {n: sorted(os.listdir(os.path.join(folder, n))) if os.path.isdir(os.path.join(folder, n)) else []
-            for n in names}
+# transformers v5 records its PIL-backend classes (`...Pil`) in folders it saves.
+PROCESSORS = {
+    **dict.fromkeys(("CLIPImageProcessor", "CLIPFeatureExtractor", "CLIPImageProcessorPil"),
+                    CLIPImageProcessor.from_pretrained),
+    **dict.fromkeys(("DPTImageProcessor", "DPTFeatureExtractor", "DPTImageProcessorPil"),
+                    DPTImageProcessor.from_pretrained),
+}
 
 
 def load_pipeline(
@@ -121,8 +54,6 @@ def load_pipeline(
     (a component without it loads its plain weights); `sharding` places the params (see
     `PipelineBase.from_pretrained`).
     """
-    from unclip_jax.schedulers import SCHEDULERS  # noqa: PLC0415
-
     overrides = dict(overrides or {})
     unknown = set(overrides) - set(names)
     if unknown:
@@ -148,118 +79,13 @@ def load_pipeline(
             components[name] = SCHEDULERS[cls].from_config(read_config(sub, "scheduler_config.json"))
         elif cls in TOKENIZER_CLASSES:
             components[name] = load_tokenizer(sub)
-        elif cls in _processor_loaders():
-            components[name] = _processor_loaders()[cls](sub)
+        elif cls in PROCESSORS:
+            components[name] = PROCESSORS[cls](sub)
         else:
             chosen = weights[name].variant if name in weights else variant
-            components[name], params[name] = _load_model(name, sub, cls, dtype, chosen, sharding)
+            components[name], params[name] = load_component(sub, dtype=dtype, variant=chosen, architecture=cls,
+                                                            sharding=sharding, name=name)
     return components, params
-
-
-def copy_aux_files(src: str, dst: str) -> None:
-    """Copies a component folder's configs, tokenizer and processor files (no weights)."""
-    for fname in sorted(os.listdir(src)):
-        if is_aux_file(fname) and os.path.isfile(os.path.join(src, fname)):
-            shutil.copy2(os.path.join(src, fname), dst)
-
-
-_RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths in one step
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swaps two existing paths atomically (Linux renameat2); False where the system cannot."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd = -100
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
-
-
-@contextlib.contextmanager
-def atomic_folder(folder: str, *, overwrite: bool = False) -> Iterator[str]:
-    """Yields a temporary folder beside `folder`, renamed to `folder` when the block succeeds.
-
-    An interrupted or failed write leaves `folder` as it was (absent, or the previous content): the
-    partial folder is a hidden `.NAME.partial-*` sibling. With `overwrite`, an existing `folder` is
-    swapped for the new one in one atomic step where the system allows it (Linux), else moved aside
-    just before the new one is renamed in.
-    """
-    folder = os.path.abspath(folder)
-    if os.path.exists(folder) and not overwrite:
-        raise FileExistsError(f"{folder}: already exists; write to a new folder (or overwrite it)")
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.partial-", dir=parent)
-    try:
-        yield tmp
-        if not os.path.exists(folder):
-            os.rename(tmp, folder)
-        elif not overwrite:
-            raise FileExistsError(f"{folder}: appeared while writing; nothing was overwritten")
-        elif not _exchange(tmp, folder):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.old-", dir=parent)
-            os.rename(folder, os.path.join(old, "content"))
-            os.rename(tmp, folder)
-            shutil.rmtree(old)
-        # After an exchange, `tmp` holds the previous content: removed below.
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-
-
-def write_model_index(folder: str, index: dict[str, Any]) -> None:
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
-
-
-def save_pipeline(
-    folder: str,
-    source: str | dict[str, str],
-    index: dict[str, Any],
-    components: dict[str, Any],
-    params: dict[str, Any],
-) -> None:
-    """Writes a pipeline folder: model_index.json, each component's config files copied from `source`
-    (a pipeline folder, or a component folder per name; tokenizers and schedulers write their own), and each model's params as orbax. Written to a temporary folder
-    and renamed into place, so a failed save leaves nothing half-written at `folder`."""
-    with atomic_folder(folder) as tmp:
-        index = dict(index)
-        for name, comp in components.items():
-            sub = os.path.join(tmp, name)
-            src = source[name] if isinstance(source, dict) else os.path.join(source, name)
-            os.makedirs(sub)
-            if hasattr(comp, "create_state"):  # a scheduler, maybe swapped: write its own config
-                config = {"_class_name": type(comp).__name__, **dataclasses.asdict(comp.config)}
-                with open(os.path.join(sub, "scheduler_config.json"), "w") as f:
-                    json.dump(config, f, indent=2)
-                index[name] = ["diffusers", type(comp).__name__]
-            elif hasattr(comp, "save_pretrained") and (type(comp).__name__.startswith(TOKENIZER_CLASSES)
-                                                        or not os.path.isdir(src)):
-                # Tokenizers write themselves: textual inversion may have added tokens since loading.
-                comp.save_pretrained(sub)
-            elif os.path.isdir(src):
-                copy_aux_files(src, sub)
-                _sync_vocab_size(sub, comp)
-            if name in params:
-                save_params(os.path.join(sub, ORBAX_DIR), params[name])
-        write_model_index(tmp, index)
-
-
-def _sync_vocab_size(folder: str, module) -> None:
-    """A text encoder grown by textual inversion keeps its copied config.json in step with its params."""
-    size = getattr(getattr(module, "config", None), "vocab_size", None)
-    path = os.path.join(folder, "config.json")
-    if size is None or not os.path.isfile(path):
-        return
-    with open(path) as f:
-        config = json.load(f)
-    section = config.get("text_config", config) if "vocab_size" not in config else config
-    if section.get("vocab_size", size) != size:
-        section["vocab_size"] = size
-        with open(path, "w") as f:
-            json.dump(config, f, indent=2)
 
 
 class PipelineBase:
@@ -301,8 +127,6 @@ class PipelineBase:
           **components: replace the folder's: a scheduler, tokenizer or processor object, or a
             `(module, params)` pair for a model.
         """
-        from unclip_jax.pipelines.hub import resolve  # noqa: PLC0415
-
         names = tuple(n for n in cls.COMPONENTS if n not in components)
         folder = resolve(path_or_repo_id, names, variant=variant, revision=revision,
                          local_files_only=local_files_only, cache_dir=cache_dir)
@@ -312,11 +136,15 @@ class PipelineBase:
         pipe._source, pipe._index = folder, read_model_index(folder)
         return pipe, params
 
-    def save_pretrained(self, directory: str, params: dict[str, Any]) -> None:
-        """Writes configs, tokenizer/processor files and orbax params; loading it needs no torch."""
+    def save_pretrained(self, directory: str, params: dict[str, Any], *, overwrite: bool = False) -> None:
+        """Writes configs, tokenizer/processor files and orbax params; loading it needs no torch.
+
+        `directory` must not exist; with `overwrite`, an existing pipeline folder (one with
+        model_index.json) is replaced, atomically; anything else there is refused before any work."""
         index = {**(self._index or {}), "_class_name": type(self).__name__}
         sources = {n: os.path.join(self._source or "", n) for n in self.COMPONENTS}
         for name, (src, entry) in self._foreign.items():
             sources[name], index[name] = src, entry
         index = {k: v for k, v in index.items() if k.startswith("_") or k in self.COMPONENTS}
-        save_pipeline(directory, sources, index, {n: getattr(self, n) for n in self.COMPONENTS}, params)
+        save_pipeline(directory, sources, index, {n: getattr(self, n) for n in self.COMPONENTS}, params,
+                      overwrite=overwrite)

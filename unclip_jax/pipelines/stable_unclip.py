@@ -50,20 +50,12 @@ from unclip_jax.pipelines.common import (
     with_lora,
 )
 from unclip_jax.lora import LoraLoaderMixin
-from unclip_jax.pipelines.loading import PipelineBase, load_pipeline, read_model_index
+from unclip_jax.pipelines.loading import PipelineBase, load_pipeline
 from unclip_jax.sharding import constrain, replicate, shard_call
 from unclip_jax.textual_inversion import TextualInversionLoaderMixin
 from unclip_jax.tokenizer import tokenize
-from unclip_jax.weights.safetensors_io import CheckpointError
-
-KARLO = "kakaobrain/karlo-v1-alpha"
-PRIOR_COMPONENTS = ("prior_tokenizer", "prior_text_encoder", "prior", "prior_scheduler")
-# Where a checkpoint with a prior keeps each of StableUnCLIPPipeline's prior components: Karlo's
-# UnCLIPPipeline (whose tokenizer and text encoder are CLIP ViT-L/14's), or another Stable unCLIP.
-PRIOR_LAYOUTS = {
-    "UnCLIPPipeline": dict(zip(PRIOR_COMPONENTS, ("tokenizer", "text_encoder", "prior", "prior_scheduler"))),
-    "StableUnCLIPPipeline": dict(zip(PRIOR_COMPONENTS, PRIOR_COMPONENTS)),
-}
+from unclip_jax.weights.folder import PRIOR_COMPONENTS, PRIOR_LAYOUTS, prior_layout, read_model_index
+from unclip_jax.weights.hub import resolve
 
 DECODER_COMPONENTS = ("image_normalizer", "image_noising_scheduler", "tokenizer", "text_encoder", "unet",
                       "scheduler", "vae")
@@ -268,21 +260,11 @@ def _step_key(key):
     return jax.random.key(0) if key is None else key
 
 
-def prior_layout(folder: str) -> dict[str, str]:
-    """StableUnCLIPPipeline's prior components -> their names in the pipeline folder `folder`."""
-    found = read_model_index(folder).get("_class_name")
-    if found not in PRIOR_LAYOUTS:
-        raise CheckpointError(f"{folder}: a {found} has no prior; give a {' or a '.join(PRIOR_LAYOUTS)} "
-                              f"(e.g. {KARLO})")
-    return PRIOR_LAYOUTS[found]
-
-
 def load_prior(path_or_repo_id: str, *, dtype=jnp.float32, local_files_only: bool = False,
                cache_dir: str | None = None, sharding=None, revision: str | None = None):
     """The prior components of a Karlo (UnCLIPPipeline) or Stable unCLIP checkpoint, as
     `StableUnCLIPPipeline.from_pretrained` overrides: (overrides, {name: (component folder, model_index
     entry)}). Karlo's UnCLIPScheduler becomes a DDPMScheduler with its config, as in diffusers' recipe."""
-    from unclip_jax.pipelines.hub import resolve  # noqa: PLC0415
     from unclip_jax.schedulers import scheduler_from_config  # noqa: PLC0415
 
     every = tuple(sorted({n for layout in PRIOR_LAYOUTS.values() for n in layout.values()}))

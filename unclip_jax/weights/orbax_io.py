@@ -14,6 +14,9 @@ import orbax.checkpoint as ocp
 
 from unclip_jax.weights.errors import CheckpointError
 
+# The folder inside a component folder that holds its params as an orbax checkpoint.
+ORBAX_DIR = "orbax_params"
+
 
 def save_params(directory: str, params) -> None:
     """Writes `params` (a pytree of arrays) as an orbax checkpoint at `directory` (which must not exist).

@@ -46,9 +46,20 @@ def is_repo_id(text: str) -> bool:
     return bool(_REPO_ID.fullmatch(text)) and not text.startswith(".") and ".." not in text
 
 
+def looks_like_path(text: str) -> bool:
+    """Whether `text` is meant as a local path: it starts with `.`, `~` or a separator, has more
+    separators than a repo id's one, a backslash, or names a file or a folder's first part that exists."""
+    if text.startswith((".", "~", os.sep)) or "\\" in text or text.count("/") > 1 or os.path.lexists(text):
+        return True
+    return ("/" in text and os.path.isdir(text.split("/")[0])) or not is_repo_id(text)
+
+
 def resolve(path_or_repo_id: str, components: tuple[str, ...], *, variant: str | None = None,
             revision: str | None = None, local_files_only: bool = False, cache_dir: str | None = None) -> str:
     """A local pipeline folder for `path_or_repo_id` (a folder is returned as is).
+
+    A path-like value (see `looks_like_path`) that is no folder is an error at once, never a hub id.
+    Offline (`local_files_only` or HF_HUB_OFFLINE=1) only the cache is read: nothing is retried.
 
     Args:
       components: the pipeline components to fetch (others in the repo are left out).
@@ -59,8 +70,9 @@ def resolve(path_or_repo_id: str, components: tuple[str, ...], *, variant: str |
     """
     if os.path.isdir(path_or_repo_id):
         return path_or_repo_id
-    if not is_repo_id(path_or_repo_id):
-        raise CheckpointError(f"{path_or_repo_id}: no such pipeline folder")
+    if looks_like_path(path_or_repo_id):
+        what = "not a pipeline folder" if os.path.lexists(path_or_repo_id) else "no such pipeline folder"
+        raise CheckpointError(f"{path_or_repo_id}: {what} (a local path: not looked up on the hub)")
     import huggingface_hub  # noqa: PLC0415
     from huggingface_hub import constants, errors  # noqa: PLC0415
 
