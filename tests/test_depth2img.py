@@ -216,9 +216,9 @@ def test_errors_before_work(depth2img):
     _, pipe, _ = depth2img
     kw = dict(params={}, key=jax.random.key(0), num_inference_steps=3)
     image = _image(0)
-    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
         pipe("x", image=image, strength=1.5, **kw)
-    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
         pipe("x", image=image, strength=-0.1, **kw)
     with pytest.raises(ValueError, match="leaves no denoising step"):
         pipe("x", image=image, strength=0.3, **kw)

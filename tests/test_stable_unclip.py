@@ -113,7 +113,7 @@ def test_output_types(unclip):
 def test_errors_before_work(unclip):
     _, pipe, params = unclip
     kw = dict(params=params, key=jax.random.key(0), num_inference_steps=2, prior_num_inference_steps=2)
-    with pytest.raises(ValueError, match="multiples of 2"):
+    with pytest.raises(ValueError, match="height must be a positive multiple of 2; got 31"):
         pipe("x", height=31, width=32, **kw)
     with pytest.raises(ValueError, match=r"noise_level must be in \[0, 999\]"):
         pipe("x", height=32, width=32, noise_level=1000, **kw)
@@ -227,7 +227,7 @@ def test_guidance_argument_types(unclip):
         pipe("x", guidance_scale="7", **kw)
     with pytest.raises(TypeError, match="prior_guidance_scale must be a number; got NoneType"):
         pipe("x", prior_guidance_scale=None, **kw)
-    with pytest.raises(ValueError, match="num_inference_steps must be a positive integer; got 0"):
+    with pytest.raises(ValueError, match="num_inference_steps must be at least 1; got 0"):
         pipe("x", num_inference_steps=0, **kw)
 
 

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import importlib
 import json
-import math
 import os
 import re
 import sys
@@ -61,7 +60,6 @@ DELEGATES = {
     "bench": ("unclip_jax.bench", "measure sampling speed"),
 }
 DTYPES = ("fp32", "bf16")
-_VAE_FACTOR = 8  # the real checkpoints' VAE downsampling; sizes must be multiples of it
 
 
 class UsageError(Exception):
@@ -231,34 +229,33 @@ def _read_image(path: str, what: str):
     return image
 
 
-def _check_positive(args, *names: str) -> None:
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _check(args) -> None:
     """Every check that needs no model; fills in args.scheduler_class, args.images."""
-    _check_positive(args, "steps", "count", "prior_steps")
-    for name in ("guidance", "prior_guidance", "eta", "strength"):
-        value = getattr(args, name, None)
-        if value is not None and not math.isfinite(value):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number; got {value}")
-    if args.eta < 0:
-        raise UsageError(f"--eta must be >= 0; got {args.eta}")
-    if getattr(args, "noise_level", None) is not None and args.noise_level < 0:
-        raise UsageError(f"--noise-level must be >= 0; got {args.noise_level}")
-    if getattr(args, "strength", None) is not None and not 0 < args.strength <= 1:
-        raise UsageError(f"--strength must be in (0, 1]; got {args.strength}")
+    from unclip_jax.pipelines import checks  # noqa: PLC0415
+
+    for name in ("steps", "count", "prior_steps"):
+        if getattr(args, name, None) is not None:
+            checks.check_count(getattr(args, name), _flag(name))
+    for name in ("guidance", "prior_guidance"):
+        if getattr(args, name, None) is not None:
+            checks.check_finite_real(getattr(args, name), _flag(name))
+    checks.check_eta(args.eta, "--eta")
+    if getattr(args, "noise_level", None) is not None:
+        checks.check_noise_level(args.noise_level, None, "--noise-level")
+    if getattr(args, "strength", None) is not None:
+        checks.check_strength(args.strength, "--strength")
     if args.size is not None and (args.height is not None or args.width is not None):
         raise UsageError("give --size, or --height and --width, not both")
     if args.size is not None:
+        checks.check_side(args.size, "--size", checks.VAE_FACTOR)
         args.height = args.width = args.size
-    for name in ("size", "height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % _VAE_FACTOR):
-            raise UsageError(f"--{name} must be a positive multiple of {_VAE_FACTOR}; got {value}")
+    for name in ("height", "width"):
+        if getattr(args, name) is not None:
+            checks.check_side(getattr(args, name), _flag(name), checks.VAE_FACTOR)
     if args.command == "depth2img" and (args.height is None) != (args.width is None):
         raise UsageError("give both --height and --width (or --size) to resize the input image")
     args.scheduler_class = None if args.scheduler is None else scheduler_class(args.scheduler)

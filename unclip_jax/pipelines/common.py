@@ -14,6 +14,7 @@ import numpy as np
 import PIL.Image
 from jax.experimental import io_callback
 
+from unclip_jax.pipelines.checks import check_real
 from unclip_jax.sharding import constrain, to_host
 from unclip_jax.tokenizer import check_prompt, maybe_convert_prompt, tokenize
 
@@ -136,12 +137,6 @@ def cfg_pairs(x: jax.Array) -> jax.Array:
     return x.reshape((2, -1) + x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
 
 
-def check_real(value, name: str) -> None:
-    """A guidance-like argument must be a real number (TypeError naming it otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number; got {type(value).__name__}")
-
-
 def with_lora(params, cross_attention_kwargs):
     """The params a call samples with: active unfused LoRA adapters merged at diffusers' per-call
     `cross_attention_kwargs["scale"]` (default 1.0; it scales the text encoder's adapters too, as
@@ -153,12 +148,6 @@ def with_lora(params, cross_attention_kwargs):
     scale = (cross_attention_kwargs or {}).get("scale", 1.0)
     check_real(scale, "cross_attention_kwargs['scale']")
     return lora_params(params, scale)
-
-
-def check_count(value, name: str) -> None:
-    """A step or image count must be a positive int (ValueError naming it otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
 
 def check_random_input(x, shape: tuple, name: str):

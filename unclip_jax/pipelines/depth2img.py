@@ -31,10 +31,8 @@ from unclip_jax.pipelines.common import (
     cfg_batch,
     cfg_halves,
     cfg_pairs,
-    check_count,
     check_output_type,
     check_random_input,
-    check_real,
     encode_prompt,
     guide,
     postprocess,
@@ -44,6 +42,7 @@ from unclip_jax.pipelines.common import (
     with_lora,
 )
 from unclip_jax.lora import LoraLoaderMixin
+from unclip_jax.pipelines.checks import check_count, check_eta, check_finite_real, check_strength
 from unclip_jax.pipelines.loading import PipelineBase
 from unclip_jax.sharding import constrain, replicate, shard_call
 from unclip_jax.textual_inversion import TextualInversionLoaderMixin
@@ -375,11 +374,11 @@ class StableDiffusionDepth2ImgPipeline(LoraLoaderMixin, TextualInversionLoaderMi
         - A flat depth map normalises to 0 (diffusers: NaN).
         """
         # ---- checks before work
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1]; got {strength}")
+        check_strength(strength)
+        check_eta(eta)
         check_count(num_inference_steps, "num_inference_steps")
         check_count(num_images_per_prompt, "num_images_per_prompt")
-        check_real(guidance_scale, "guidance_scale")
+        check_finite_real(guidance_scale, "guidance_scale")
         n_prompts = batch_size_of(prompt, prompt_embeds)
         batch = n_prompts * num_images_per_prompt
         config = Depth2ImgConfig(num_inference_steps=num_inference_steps, strength=float(strength),

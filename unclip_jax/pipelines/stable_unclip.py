@@ -36,10 +36,8 @@ from unclip_jax.pipelines.common import (
     ImagePipelineOutput,
     batch_size_of,
     cfg_batch,
-    check_count,
     check_output_type,
     check_random_input,
-    check_real,
     encode_prompt,
     guide,
     postprocess,
@@ -50,6 +48,7 @@ from unclip_jax.pipelines.common import (
     with_lora,
 )
 from unclip_jax.lora import LoraLoaderMixin
+from unclip_jax.pipelines.checks import check_count, check_eta, check_finite_real, check_noise_level, check_size
 from unclip_jax.pipelines.loading import PipelineBase, load_pipeline
 from unclip_jax.sharding import constrain, replicate, shard_call
 from unclip_jax.textual_inversion import TextualInversionLoaderMixin
@@ -174,18 +173,16 @@ class _UnCLIPDecoder(LoraLoaderMixin, TextualInversionLoaderMixin, PipelineBase)
 
     # ------------------------------------------------------------------ host-side preparation
 
-    def _check_decoder_args(self, height, width, guidance_scale, num_inference_steps, noise_level):
+    def _check_decoder_args(self, height, width, guidance_scale, num_inference_steps, noise_level, eta):
         """(height, width), defaults filled in; errors before any work."""
-        check_real(guidance_scale, "guidance_scale")
+        check_finite_real(guidance_scale, "guidance_scale")
         check_count(num_inference_steps, "num_inference_steps")
+        check_eta(eta)
         f = self.vae_scale_factor
-        height = height or self.unet.config.sample_size * f
-        width = width or self.unet.config.sample_size * f
-        if height % f or width % f:
-            raise ValueError(f"height and width must be multiples of {f}; got {height} and {width}")
-        n_train = self.image_noising_scheduler.config.num_train_timesteps
-        if not 0 <= int(noise_level) < n_train:
-            raise ValueError(f"noise_level must be in [0, {n_train - 1}]; got {noise_level}")
+        height = self.unet.config.sample_size * f if height is None else height
+        width = self.unet.config.sample_size * f if width is None else width
+        check_size(height, width, f)
+        check_noise_level(noise_level, self.image_noising_scheduler.config.num_train_timesteps)
         return height, width
 
     def _decoder_inputs(self, params, key, *, batch, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
@@ -399,8 +396,8 @@ class StableUnCLIPPipeline(_UnCLIPDecoder):
         prior_step_noise; then the decoder's: latents [B, h, w, C], prompt_embeds / negative_prompt_embeds
         [B, T, E], image_embeds_noise [B, D], noise_level, guidance_scale, step_noise.
         """
-        height, width = self._check_decoder_args(height, width, guidance_scale, num_inference_steps, noise_level)
-        check_real(prior_guidance_scale, "prior_guidance_scale")
+        height, width = self._check_decoder_args(height, width, guidance_scale, num_inference_steps, noise_level, eta)
+        check_finite_real(prior_guidance_scale, "prior_guidance_scale")
         check_count(prior_num_inference_steps, "prior_num_inference_steps")
         check_count(num_images_per_prompt, "num_images_per_prompt")
         batch = batch_size_of(prompt, prompt_embeds) * num_images_per_prompt
@@ -494,7 +491,7 @@ class StableUnCLIPImg2ImgPipeline(_UnCLIPDecoder):
         num_images_per_prompt times each. Unlike diffusers, `clip_skip` is applied (diffusers accepts
         and ignores it here).
         """
-        height, width = self._check_decoder_args(height, width, guidance_scale, num_inference_steps, noise_level)
+        height, width = self._check_decoder_args(height, width, guidance_scale, num_inference_steps, noise_level, eta)
         check_count(num_images_per_prompt, "num_images_per_prompt")
         if prompt_embeds is not None and prompt == "":
             prompt = None  # the default prompt yields to given embeddings
