@@ -275,3 +275,37 @@ def test_hf_hub_offline_environment(hub_cache):
     r = subprocess.run([sys.executable, "-c", code, str(cache)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(cache / "models--org--unclip-img2img" / "snapshots" / COMMIT_B)
+
+
+@pytest.mark.parametrize("value", ["./tiny-unclp", "~/tiny-unclp", "/nonexistent/tiny-unclp", "a/b/c",
+                                   "tests/tiny-unclp", "README.md"])
+def test_mistyped_local_path_is_one_line_and_never_a_hub_id(monkeypatch, value):
+    """A path-like value that is no folder is named at once; neither the listing nor a download is tried,
+    online or not."""
+    import huggingface_hub
+
+    def ask(*a, **k):
+        raise AssertionError(f"the hub was asked about {value!r}")
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", ask)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", ask)
+    what = "not a pipeline folder" if os.path.exists(value) else "no such pipeline folder"
+    with pytest.raises(CheckpointError) as e:
+        StableUnCLIPPipeline.from_pretrained(value)
+    assert str(e.value) == f"{value}: {what} (a local path: not looked up on the hub)"
+
+
+def test_offline_unknown_repo_id_fails_at_once(tmp_path, monkeypatch):
+    """Offline, a repo id absent from the cache is one error from the cache look-up: no listing (the
+    autouse fixture fails the test on one), and the download asked for the cache only."""
+    import huggingface_hub
+
+    calls = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append(k) or real(*a, **k))
+    with pytest.raises(CheckpointError, match="org/absent: not a local folder, and not found in the local cache"):
+        resolve("org/absent", ("unet",), cache_dir=str(tmp_path))
+    assert [c["local_files_only"] for c in calls] == [True]

@@ -67,7 +67,7 @@ def convert_pipeline(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    disk.check_destination(os.path.abspath(out), overwrite=overwrite)
+    disk.check_destination(os.path.abspath(out), overwrite=overwrite, flag="--overwrite")
     where = dict(revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
     # The pipeline class decides what to fetch, so the index comes first (alone), then its components.
     pipeline = _pipeline_class(disk.read_model_index(resolve(source, (), **where)), source)

@@ -92,13 +92,14 @@ def is_pipeline_folder(path: str) -> bool:
     return os.path.isdir(path) and not os.path.islink(path) and os.path.isfile(os.path.join(path, MODEL_INDEX))
 
 
-def check_destination(folder: str, *, overwrite: bool = False) -> None:
-    """Raises unless a pipeline folder may be written at `folder`: it must not exist or, with
-    `overwrite`, be a pipeline folder. Called before any work, and again just before the swap."""
+def check_destination(folder: str, *, overwrite: bool = False, flag: str = "overwrite=True") -> None:
+    """Raises FileExistsError unless a pipeline folder may be written at `folder`: it must not exist
+    or, with `overwrite`, be a pipeline folder. Called before any work, and again just before the swap.
+    `flag` is how the caller's user asks to overwrite, for the message."""
     if not os.path.lexists(folder):
         return
     if not overwrite:
-        raise FileExistsError(f"{folder}: already exists; write to a new folder (or overwrite it)")
+        raise FileExistsError(f"{folder}: already exists (pass {flag} to replace it)")
     if not is_pipeline_folder(folder):
         kind = ("a link" if os.path.islink(folder) else "a file" if os.path.isfile(folder)
                 else "a folder without model_index.json" if os.path.isdir(folder) else "not a folder")
