@@ -155,6 +155,9 @@ def test_write_dataset(tmp_path, depth_format):
     assert "depth_file_name" not in rows[0]
     with pytest.raises(FileExistsError):
         domain.write_dataset(flat, 3, seed=5)
+    assert domain.write_dataset(flat, 3, seed=5, exist_ok=True) == flat  # the same dataset: kept
+    with pytest.raises(FileExistsError, match="not this dataset"):
+        domain.write_dataset(flat, 4, seed=5, exist_ok=True)
     # Nothing but the two folders: no partial siblings are left.
     assert sorted(os.listdir(tmp_path)) == ["depth", "flat"]
 
@@ -172,8 +175,19 @@ def test_initial_folders_load(initial):
     import unclip_jax as uj
     from unclip_jax.toy import init
 
+    images = np.stack([domain.draw(0, i)[0] for i in range(6)])
+    mean, std = init.set_embedding_stats(os.path.join(initial, "unclip"), images, batch=4)
     pipe, params = uj.StableUnCLIPPipeline.from_pretrained(os.path.join(initial, "unclip"))
-    _, params_img = uj.StableUnCLIPImg2ImgPipeline.from_pretrained(os.path.join(initial, "unclip"))
+    pipe_img, params_img = uj.StableUnCLIPImg2ImgPipeline.from_pretrained(os.path.join(initial, "unclip"))
+    # The embedding statistics, recomputed here from the loaded image encoder, are where the pipelines read them.
+    embeds = np.asarray(pipe_img.encode_image(params_img, images), np.float64)
+    np.testing.assert_allclose(mean, embeds.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std, embeds.std(0), rtol=1e-4, atol=1e-6)
+    for p in (params, params_img):
+        np.testing.assert_array_equal(p["image_normalizer"]["mean"][0], mean)
+        np.testing.assert_array_equal(p["image_normalizer"]["std"][0], std)
+    np.testing.assert_array_equal(params["prior"]["clip_mean"][0], mean)
+    np.testing.assert_array_equal(params["prior"]["clip_std"][0], std)
     _, params_depth = uj.StableDiffusionDepth2ImgPipeline.from_pretrained(os.path.join(initial, "depth2img"))
     assert pipe.tokenizer("a red circle").input_ids[1] != pipe.tokenizer.unk_token_id
     count = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p)) for name, p in params.items()}

@@ -42,7 +42,8 @@ the wall, and each shape (a flat upright card) has the disparity of its foot poi
 `write_dataset` writes an imagefolder in the Hugging Face convention: `images/NNNNNN.png`,
 `metadata.jsonl` with `file_name` and `text` (and for depth `depth_file_name`: `depth/NNNNNN.npy`,
 float32 [64, 64] as above; or with `depth_format="png16"`, 16-bit grayscale PNGs holding
-round(disparity * 65535)), and `attributes.jsonl`, one JSON object per picture in the same order.
+round(disparity * 65535)), `attributes.jsonl`, one JSON object per picture in the same order, and
+`dataset.json`, the arguments that wrote it (and `GENERATOR_VERSION`).
 The folder is written to a temporary sibling and renamed into place.
 """
 
@@ -56,6 +57,8 @@ from typing import Any
 import numpy as np
 
 SIZE = 64
+# Bumped whenever a change to this module changes what a (seed, index) draws.
+GENERATOR_VERSION = 1
 
 # The named palette, exact sRGB.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -298,18 +301,34 @@ def draw_depth(seed: int, index: int, *, held_out: bool = False
 
 
 def write_dataset(folder: str, count: int, seed: int, *, depth: bool = False, held_out: bool = False,
-                  depth_format: str = "npy", overwrite: bool = False) -> str:
+                  depth_format: str = "npy", exist_ok: bool = False) -> str:
     """Writes `count` pictures (flat, or depth scenes with their depth maps) as an imagefolder at
-    `folder` (see the module docstring), atomically; returns `folder`."""
+    `folder` (see the module docstring), atomically; returns `folder`.
+
+    `folder` must not exist; with `exist_ok`, a folder this function wrote with the same arguments
+    (its `dataset.json`) is kept as it is, and anything else there is still refused."""
     from PIL import Image  # noqa: PLC0415
 
-    from unclip_jax.pipelines.loading import atomic_folder  # noqa: PLC0415
+    from unclip_jax.weights.folder import atomic_folder  # noqa: PLC0415
 
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     if depth_format not in ("npy", "png16"):
         raise ValueError(f"depth_format must be 'npy' or 'png16', got {depth_format!r}")
-    with atomic_folder(folder, overwrite=overwrite) as tmp:
+    stamp = dict(generator=GENERATOR_VERSION, count=count, seed=seed, depth=depth, held_out=held_out,
+                 depth_format=depth_format if depth else None)
+    if os.path.exists(folder):
+        try:
+            with open(os.path.join(folder, "dataset.json")) as f:
+                same = json.load(f) == stamp
+        except (OSError, ValueError):
+            same = False
+        if exist_ok and same:
+            return folder
+        raise FileExistsError(f"{folder}: already exists" + (" (and is not this dataset)" if exist_ok else ""))
+    with atomic_folder(folder) as tmp:
+        with open(os.path.join(tmp, "dataset.json"), "w") as f:
+            json.dump(stamp, f, indent=2)
         os.makedirs(os.path.join(tmp, "images"))
         if depth:
             os.makedirs(os.path.join(tmp, "depth"))

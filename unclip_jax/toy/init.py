@@ -178,7 +178,7 @@ def write_pipeline(folder: str, pipeline_class: str, configs: dict[str, dict], *
     to its pad token, `processors` each image processor to (class name, preprocessor config)."""
     from unclip_jax.image_processing import CLIPImageProcessor  # noqa: PLC0415
     from unclip_jax.image_processing_dpt import DPTImageProcessor  # noqa: PLC0415
-    from unclip_jax.pipelines.loading import save_pipeline  # noqa: PLC0415
+    from unclip_jax.weights.folder import save_pipeline  # noqa: PLC0415
     from unclip_jax.schedulers import scheduler_from_config  # noqa: PLC0415
     from unclip_jax.tiny import random_params  # noqa: PLC0415
     from unclip_jax.tokenizer import load_tokenizer, write_clip_tokenizer  # noqa: PLC0415
@@ -220,7 +220,7 @@ def write_initial(folder: str, seed: int = 0) -> str:
     """Writes FOLDER/unclip and FOLDER/depth2img (see the module docstring) with random weights; the
     text towers of both start equal (the decoder's is the prior's without projection). Returns
     `folder`, which must not exist; it is written beside itself and renamed into place."""
-    from unclip_jax.pipelines.loading import atomic_folder  # noqa: PLC0415
+    from unclip_jax.weights.folder import atomic_folder  # noqa: PLC0415
 
     with atomic_folder(folder) as tmp:
         for i, (name, (cls, configs)) in enumerate(CONFIGS.items()):
@@ -232,23 +232,52 @@ def write_initial(folder: str, seed: int = 0) -> str:
 
 def tie_text_encoders(source: str, targets: list[str]) -> None:
     """Copies the CLIP text tower of `source`'s prior_text_encoder (without its projection) into the
-    `text_encoder` of each target pipeline folder, replacing its orbax params atomically (the step
-    after CLIP training, and at initialisation)."""
-    from unclip_jax.pipelines.loading import ORBAX_DIR  # noqa: PLC0415
-    from unclip_jax.weights.orbax_io import restore_params, save_params, saved_structure  # noqa: PLC0415
+    `text_encoder` of each target pipeline folder (the step after CLIP training, and at initialisation)."""
+    from unclip_jax.weights.orbax_io import ORBAX_DIR, restore_params, saved_structure  # noqa: PLC0415
 
     prior_text = restore_params(os.path.join(source, "prior_text_encoder", ORBAX_DIR))
     for target in targets:
-        path = os.path.join(target, "text_encoder", ORBAX_DIR)
-        want = saved_structure(path)
-        tower = _select(prior_text, want, path)
-        tmp = tempfile.mkdtemp(prefix=".orbax_params.partial-", dir=os.path.dirname(path))
-        os.rmdir(tmp)
-        save_params(tmp, tower)
-        old = path + ".old"
-        os.rename(path, old)
-        os.rename(tmp, path)
-        _rmtree(old)
+        sub = os.path.join(target, "text_encoder")
+        replace_params(sub, _select(prior_text, saved_structure(os.path.join(sub, ORBAX_DIR)), sub))
+
+
+def replace_params(component: str, params) -> None:
+    """Replaces a saved component's orbax params (same tree, same shapes) by `params`: written beside
+    them, then swapped in by renames."""
+    import shutil  # noqa: PLC0415
+
+    from unclip_jax.weights.orbax_io import ORBAX_DIR, save_params, saved_structure  # noqa: PLC0415
+
+    path = os.path.join(component, ORBAX_DIR)
+    _select(params, saved_structure(path), component)  # the same tree and shapes, or an error naming the first
+    tmp = tempfile.mkdtemp(prefix=f".{ORBAX_DIR}.partial-", dir=component)
+    os.rmdir(tmp)
+    save_params(tmp, params)
+    old = tempfile.mkdtemp(prefix=f".{ORBAX_DIR}.old-", dir=component)
+    os.rename(path, os.path.join(old, ORBAX_DIR))
+    os.rename(tmp, path)
+    shutil.rmtree(old)
+
+
+def set_embedding_stats(folder: str, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Sets the image normalizer's mean/std and the prior's clip_mean/clip_std of the pipeline folder
+    `folder` (FOLDER/unclip) to the per-dimension mean and standard deviation of its CLIP image
+    embeddings of `images` (uint8 [N, 64, 64, 3]), as Stable unCLIP's and Karlo's were set from their
+    CLIP's statistics. Run after CLIP training, before the prior and the decoder. Returns (mean, std)."""
+    from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline  # noqa: PLC0415
+    from unclip_jax.weights.orbax_io import ORBAX_DIR, restore_params  # noqa: PLC0415
+
+    if images.ndim != 4 or images.shape[0] < 2:
+        raise ValueError(f"images must be [N >= 2, H, W, 3], got shape {images.shape}")
+    pipe, params = StableUnCLIPImg2ImgPipeline.from_pretrained(folder)
+    embeds = np.concatenate([np.asarray(pipe.encode_image(params, images[i:i + batch]))
+                             for i in range(0, len(images), batch)])
+    mean, std = embeds.mean(axis=0, keepdims=True), embeds.std(axis=0, keepdims=True)
+    replace_params(os.path.join(folder, "image_normalizer"), {"mean": mean, "std": std})
+    prior = restore_params(os.path.join(folder, "prior", ORBAX_DIR))
+    prior["clip_mean"], prior["clip_std"] = mean.astype(prior["clip_mean"].dtype), std.astype(prior["clip_std"].dtype)
+    replace_params(os.path.join(folder, "prior"), prior)
+    return mean[0], std[0]
 
 
 def _select(tree: dict, like: dict, where: str) -> dict:
@@ -266,7 +295,3 @@ def _select(tree: dict, like: dict, where: str) -> dict:
     return out
 
 
-def _rmtree(path: str) -> None:
-    import shutil  # noqa: PLC0415
-
-    shutil.rmtree(path)
