@@ -1,0 +1,235 @@
+"""Reproduces the default (toy-domain) model of issue 18: datasets, then every training stage, in order.
+
+    python scripts/train_default_model.py --work WORK [--seed 0] [--only STAGE ...] [--dry-run]
+
+STATUS: NOT YET RUN. This script is written against the planned `unclip-jax train` command line of
+issue 17 (`unclip-jax train decoder|prior|depth|lora|textual-inversion|clip --model --data --out --steps
+--batch-size --learning-rate --seed --save-every`), which was being written when the script was. Before
+anything is trained it checks that the installed CLI offers every objective it needs, and stops naming
+the missing ones: two stages need objectives that issue 17 does not list, `vae` (the small VAE's
+reconstruction + KL objective) and `dpt` (the DPT regressed on the scenes' depth maps, MiDaS's
+scale-and-shift-invariant loss); they are the work left for the session that trains. Step counts below are
+estimates for 2 CPU cores, chosen so the whole run stays within issue 18's 2 hours; re-time them with the
+first real run and record the runtime (the script writes WORK/timings.json).
+
+Stages (each resumable: a stage whose output exists is skipped; `--only` runs the named ones):
+
+  data      WORK/data/shapes (16,384 flat pictures), WORK/data/depth (4,096 depth scenes, .npy maps),
+            WORK/data/heldout (512 flat pictures of the held-out combinations, for evaluation only)
+  init      WORK/stage: the random-weight initial folders (unclip_jax.toy.init.write_initial)
+  clip      contrastive CLIP on the shapes: the prior's text tower (with projection) and the vision
+            tower; then the tower is copied into the decoders' text encoders (init.tie_text_encoders)
+  stats     the image normalizer's and the prior's embedding mean/std from 4,096 pictures
+            (init.set_embedding_stats)
+  vae       the VAE on the shapes and the depth scenes; then its latents' scaling factor (1 / std)
+  prior     the prior on the shapes (CLIP text -> CLIP image embedding)
+  decoder   the unCLIP decoder on the shapes (noise-augmented image embedding + text)
+  dpt       the DPT on the depth scenes
+  depth     the 5-channel depth decoder on the depth scenes, depth from the data's maps
+  export    fp16 copies of WORK/stage/unclip and WORK/stage/depth2img to WORK/export (to be copied into
+            the package), with their sizes
+
+After each training stage the components it trained are copied from its `OUT/final` into the working
+folders WORK/stage/{unclip,depth2img} (`adopt`), so each stage starts from everything trained before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+# name -> (pipeline folder it starts from, dataset, components it trains, CLI arguments). Steps and batch
+# sizes are estimates for <= 2 h in all on 2 CPU cores (seconds per step guessed from the model sizes in
+# unclip_jax/toy/init.py; the sum of the estimates is ~95 minutes).
+TRAINING = {
+    "clip": ("unclip", "shapes", ("prior_text_encoder", "image_encoder"),
+             dict(steps=3000, batch_size=128, learning_rate=1e-3)),  # ~0.1 s/step: 5 min
+    "vae": ("unclip", "shapes", ("vae",), dict(steps=2000, batch_size=32, learning_rate=1e-3)),  # ~0.3 s: 10 min
+    "prior": ("unclip", "shapes", ("prior",), dict(steps=4000, batch_size=128, learning_rate=3e-4)),  # 4 min
+    "decoder": ("unclip", "shapes", ("unet",), dict(steps=8000, batch_size=64, learning_rate=3e-4)),  # 40 min
+    "dpt": ("depth2img", "depth", ("depth_estimator",), dict(steps=2000, batch_size=32, learning_rate=1e-3)),  # 4
+    "depth": ("depth2img", "depth", ("unet",), dict(steps=5000, batch_size=64, learning_rate=3e-4)),  # 25 min
+}
+STAGES = ("data", "init", "clip", "stats", "vae", "prior", "decoder", "dpt", "depth", "export")
+DATASETS = {"shapes": dict(count=16384, depth=False), "depth": dict(count=4096, depth=True),
+            "heldout": dict(count=512, depth=False, held_out=True)}
+# Objective options (issue 17's training contract) per stage, passed as --option flags.
+OPTIONS = {"prior": {"image-encoder": "{stage}/unclip/image_encoder"}, "decoder": {"noise-level-max": "1000"}}
+
+
+def train_objectives() -> set[str] | None:
+    """The objectives `unclip-jax train` offers, from its --help (None: no train command at all)."""
+    run = subprocess.run([sys.executable, "-m", "unclip_jax.cli", "train", "--help"], capture_output=True, text=True)
+    if run.returncode != 0:
+        return None
+    return {name for name in ("clip", "vae", "prior", "decoder", "dpt", "depth") if name in run.stdout}
+
+
+def adopt(final: str, stage_folder: str, names: tuple[str, ...]) -> None:
+    """Copies the trained components `names` from a training output folder into a working folder."""
+    for name in names:
+        src, dst = os.path.join(final, name), os.path.join(stage_folder, name)
+        if not os.path.isdir(src):
+            raise FileNotFoundError(f"{src}: the training output has no {name!r}")
+        tmp = dst + ".new"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        shutil.rmtree(dst)
+        os.rename(tmp, dst)
+
+
+def stage_data(work: str, seed: int) -> None:
+    from unclip_jax.toy.domain import write_dataset
+
+    for name, spec in DATASETS.items():
+        write_dataset(os.path.join(work, "data", name), seed=seed + 1000 * (name == "heldout"), exist_ok=True,
+                      **spec)
+
+
+def stage_training(name: str, work: str, seed: int, dry_run: bool) -> None:
+    folder, data, trains, args = TRAINING[name]
+    out = os.path.join(work, "runs", name)
+    cmd = [sys.executable, "-m", "unclip_jax.cli", "train", name, "--model", os.path.join(work, "stage", folder),
+           "--data", os.path.join(work, "data", data), "--out", out, "--steps", str(args["steps"]),
+           "--batch-size", str(args["batch_size"]), "--learning-rate", str(args["learning_rate"]),
+           "--seed", str(seed), "--save-every", "500"]
+    if os.path.isdir(out):
+        cmd.append("--resume")
+    for key, value in OPTIONS.get(name, {}).items():
+        cmd += [f"--{key}", value.format(stage=os.path.join(work, "stage"))]
+    print("$", " ".join(cmd), flush=True)
+    if dry_run:
+        return
+    subprocess.run(cmd, check=True)
+    adopt(os.path.join(out, "final"), os.path.join(work, "stage", folder), trains)
+    if name == "clip":
+        from unclip_jax.toy.init import tie_text_encoders
+
+        unclip = os.path.join(work, "stage", "unclip")
+        tie_text_encoders(unclip, [unclip, os.path.join(work, "stage", "depth2img")])
+    if name == "vae":
+        shutil.rmtree(os.path.join(work, "stage", "depth2img", "vae"))
+        shutil.copytree(os.path.join(work, "stage", "unclip", "vae"), os.path.join(work, "stage", "depth2img", "vae"))
+        set_vae_scaling_factor(work)
+
+
+def set_vae_scaling_factor(work: str, count: int = 1024) -> None:
+    """Sets both VAE configs' scaling_factor to 1 / std of the latents of `count` pictures, as SD's
+    0.18215 was chosen for its VAE."""
+    import jax
+    import numpy as np
+
+    from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline
+    from unclip_jax.toy.domain import draw
+
+    pipe, params = StableUnCLIPImg2ImgPipeline.from_pretrained(os.path.join(work, "stage", "unclip"))
+    images = np.stack([draw(0, i)[0] for i in range(count)]).astype(np.float32) / 127.5 - 1.0
+    latents = pipe.vae.apply({"params": params["vae"]}, images, method=pipe.vae.encode).mean
+    factor = float(1.0 / np.std(np.asarray(jax.device_get(latents))))
+    for folder in ("unclip", "depth2img"):
+        path = os.path.join(work, "stage", folder, "vae", "config.json")
+        with open(path) as f:
+            config = json.load(f)
+        config["scaling_factor"] = factor
+        with open(path + ".tmp", "w") as f:
+            json.dump(config, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def stage_stats(work: str, count: int = 4096) -> None:
+    import numpy as np
+
+    from unclip_jax.toy.domain import draw
+    from unclip_jax.toy.init import set_embedding_stats
+
+    images = np.stack([draw(0, i)[0] for i in range(count)])
+    set_embedding_stats(os.path.join(work, "stage", "unclip"), images)
+
+
+def stage_export(work: str) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    import unclip_jax as uj
+
+    out = os.path.join(work, "export")
+    shutil.rmtree(out, ignore_errors=True)
+    for folder, cls in (("unclip", uj.StableUnCLIPPipeline), ("depth2img", uj.StableDiffusionDepth2ImgPipeline)):
+        pipe, params = cls.from_pretrained(os.path.join(work, "stage", folder))
+        pipe.save_pretrained(os.path.join(out, folder), jax.tree.map(lambda x: x.astype(jnp.float16), params))
+    # StableUnCLIPPipeline saves its own components only: the variation pipeline's image encoder and
+    # processor join them, so the one folder serves both unCLIP pipelines.
+    pipe, params = uj.StableUnCLIPImg2ImgPipeline.from_pretrained(os.path.join(work, "stage", "unclip"))
+    variation = os.path.join(work, "export.variation")
+    shutil.rmtree(variation, ignore_errors=True)
+    pipe.save_pretrained(variation, jax.tree.map(lambda x: x.astype(jnp.float16), params))
+    index_path = os.path.join(out, "unclip", "model_index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    with open(os.path.join(variation, "model_index.json")) as f:
+        extra = json.load(f)
+    for name in ("image_encoder", "feature_extractor"):
+        shutil.copytree(os.path.join(variation, name), os.path.join(out, "unclip", name))
+        index[name] = extra[name]
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=2)
+    shutil.rmtree(variation)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    print(f"export: {out}, {size / 1e6:.1f} MB")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", required=True, help="working folder (datasets, runs, stage, export)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
+    parser.add_argument("--dry-run", action="store_true", help="print the training commands, train nothing")
+    args = parser.parse_args(argv)
+    stages = args.only or STAGES
+    needed = {s for s in stages if s in TRAINING}
+    if needed and not args.dry_run:
+        offered = train_objectives()
+        missing = sorted(needed - (offered or set()))
+        if missing:
+            print(f"not yet runnable: `unclip-jax train` lacks the objective(s) {', '.join(missing)}"
+                  + (" (there is no train command)" if offered is None else ""), file=sys.stderr)
+            return 2
+    work = os.path.abspath(args.work)
+    timings_path = os.path.join(work, "timings.json")
+    os.makedirs(work, exist_ok=True)
+    timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {}
+    for stage in stages:
+        start = time.time()
+        if stage == "data":
+            stage_data(work, args.seed)
+        elif stage == "init":
+            if not os.path.isdir(os.path.join(work, "stage")):
+                from unclip_jax.toy.init import write_initial
+
+                write_initial(os.path.join(work, "stage"), seed=args.seed)
+        elif stage == "stats":
+            if not args.dry_run:
+                stage_stats(work)
+        elif stage == "export":
+            if not args.dry_run:
+                stage_export(work)
+        else:
+            stage_training(stage, work, args.seed, args.dry_run)
+        timings[stage] = round(time.time() - start, 1)
+        print(f"{stage}: {timings[stage]} s", flush=True)
+        with open(timings_path + ".tmp", "w") as f:
+            json.dump(timings, f, indent=2)
+        os.replace(timings_path + ".tmp", timings_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
