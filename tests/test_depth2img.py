@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch_ref import feed_noise, nchw_to_nhwc, nhwc_to_nchw
 
-from unclip_jax.pipelines.depth2img import StableDiffusionDepth2ImgPipeline, resize_bicubic, vae_pixels
+from unclip_jax.image_processing import vae_pixels
+from unclip_jax.models.resize import resize_bicubic
+from unclip_jax.pipelines.depth2img import StableDiffusionDepth2ImgPipeline
 
 TOL = 2e-3  # max abs on images in [0, 1], fp32
 PIPELINE_MODULE = "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_depth2img"
@@ -175,9 +177,9 @@ def test_one_compiled_loop_and_float_images(depth2img):
               output_type="np")
     image = _image(4)
     a = pipe("a cat", image=image, **kw).images
-    size = StableDiffusionDepth2ImgPipeline._denoise._cache_size()
+    size = pipe.compiled_cache_sizes()
     b = pipe("a dog", image=np.asarray(image, np.float32)[None] / 255, **kw).images
-    assert StableDiffusionDepth2ImgPipeline._denoise._cache_size() == size
+    assert pipe.compiled_cache_sizes() == size
     c = pipe("a cat", image=np.asarray(image, np.float32)[None] / 255, **kw).images
     np.testing.assert_allclose(c, a, atol=1e-6)
     assert np.abs(a - b).max() > 1e-3
@@ -244,3 +246,76 @@ def test_errors_before_work(depth2img):
         pipe("x", image=image, callback_on_step_end_tensor_inputs=["timesteps"], **kw)
     with pytest.raises(ValueError, match="output_type"):
         pipe("x", image=image, output_type="tensor", **kw)
+
+
+# ---------------------------------------------------------------- issue 15: inputs of every kind, refused early
+
+
+def _mode_images():
+    """One image per PIL mode (RGB, RGBA, LA, L, P with transparency, I;16, CMYK) and arrays with 1, 3, 4
+    channels, all 32 x 48."""
+    rng = np.random.RandomState(11)
+    rgb = _image(10)
+    rgba = PIL.Image.fromarray(rng.randint(0, 256, HW + (4,), dtype=np.uint8))
+    p = rgb.convert("P")
+    p.info["transparency"] = 3
+    pils = [rgb, rgba, rgba.convert("LA"), rgb.convert("L"), p,
+            PIL.Image.fromarray(rng.randint(0, 65536, HW).astype(np.uint16)), rgb.convert("CMYK")]
+    return pils + [rng.randint(0, 256, HW + (c,), dtype=np.uint8) for c in (1, 3, 4)]
+
+
+def test_every_image_mode_as_transformers_and_diffusers_convert_it(depth2img):
+    """The depth estimator reads what transformers' DPTImageProcessor (do_convert_rgb) gives for every mode;
+    the VAE reads what diffusers' VaeImageProcessor (do_convert_rgb) gives where it accepts the image (no
+    transparency: diffusers drops alpha, we composite onto white as transformers does)."""
+    from diffusers.image_processor import VaeImageProcessor
+    from transformers import DPTImageProcessor
+
+    from unclip_jax.image_processing_dpt import dpt_input
+
+    _, pipe, _ = depth2img
+    dpt_ref = DPTImageProcessor(**{**pipe.feature_extractor.to_dict(), "do_convert_rgb": True})
+    vae_ref = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor, do_convert_rgb=True)
+    for image in _mode_images():
+        what = getattr(image, "mode", None) or f"array {image.shape}"
+        want = dpt_ref(image, return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(pipe.feature_extractor([dpt_input(image)]), want, atol=1e-5, err_msg=what)
+        if isinstance(image, PIL.Image.Image) and "A" not in image.getbands() and "transparency" not in image.info:
+            np.testing.assert_allclose(vae_pixels([image], pipe.vae_scale_factor),
+                                       nchw_to_nhwc(vae_ref.preprocess(image)), atol=1e-6, err_msg=what)
+
+
+def test_every_image_mode_runs(depth2img):
+    _, pipe, params = depth2img
+    images = _mode_images()
+    depth = pipe.estimate_depth(params, images)
+    assert depth.shape[0] == len(images) and np.isfinite(np.asarray(depth)).all()
+    inputs, _ = pipe.prepare("a cat", image=images[1], params=params, key=jax.random.key(0), num_inference_steps=2)
+    assert inputs.image_latents.shape == (1, 16, 24, 4)
+
+
+def test_pixel_budget_and_non_finite_inputs(depth2img):
+    """Checked before any work (params are empty: a check that passes reaches the params check)."""
+    _, pipe, _ = depth2img
+    kw = dict(params={}, key=jax.random.key(0), num_inference_steps=3)
+    big = PIL.Image.new("RGB", (1100, 1000))
+    with pytest.raises(ValueError, match=r"image is 1100x1000 = 1,100,000 pixels, past the budget of 1,048,576"):
+        pipe("x", image=big, **kw)
+    with pytest.raises(ValueError, match=r"image\[1\] is 80x64 = 5,120 pixels, past the budget of 5,000"):
+        pipe("x", image=[_image(0), _image(1, (64, 80))], max_pixels=5000, **kw)
+    with pytest.raises(ValueError, match="params has no 'text_encoder'"):
+        pipe("x", image=big, max_pixels=None, **kw)
+    nan = np.float32("nan")
+    with pytest.raises(ValueError, match="depth_map has non-finite values"):
+        pipe("x", image=_image(0), depth_map=np.full((1, 8, 8), nan), **kw)
+    lat = dict(image_latents=np.zeros((1, 16, 24, 4), np.float32), depth_map=np.ones((1, 8, 8), np.float32))
+    for name in ("image_latents", "noise", "step_noise"):
+        shape = {"image_latents": (1, 16, 24, 4), "noise": (1, 16, 24, 4), "step_noise": (2, 1, 16, 24, 4)}[name]
+        with pytest.raises(ValueError, match=f"`{name}` has non-finite values"):
+            pipe("x", **{**lat, name: np.full(shape, nan)}, strength=0.7, eta=0.5, **kw)
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]; got 0"):
+        pipe("x", image=_image(0), strength=0.0, **kw)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+        pipe("x", image=_image(0), guidance_scale=float("nan"), **kw)
+    with pytest.raises(TypeError, match=r"key is an old-style uint32 key .*jax\.random\.key\(0\)"):
+        pipe("x", image=_image(0), **dict(kw, key=jax.random.PRNGKey(0)))

@@ -57,16 +57,16 @@ def test_img2img_gradients_match_finite_differences(img2img):
     inputs, config = pipe.prepare(image_embeds=embeds, prompt=["a cat", "a dog"], params=params,
                                   key=jax.random.key(0), height=16, width=16, num_inference_steps=STEPS,
                                   guidance_scale=3.0, noise_level=20, eta=0.5)
-    inputs["step_noise"] = jnp.asarray(rng.randn(STEPS, *inputs["latents"].shape).astype(np.float32))
+    inputs = inputs.replace(step_noise=jnp.asarray(rng.randn(STEPS, *inputs.latents.shape).astype(np.float32)))
     weights = jnp.asarray(rng.randn(2, 16, 16, 3).astype(np.float32))
     key = jax.random.key(1)
 
     def loss(latents, image_embeds, kernel):
-        out = pipe.sample(_with_conv_in(params, kernel), {**inputs, "latents": latents, "image_embeds": image_embeds},
+        out = pipe.sample(_with_conv_in(params, kernel), inputs.replace(latents=latents, image_embeds=image_embeds),
                           key, config=config)
         return jnp.sum(out * weights)
 
-    args = (inputs["latents"], inputs["image_embeds"], params["unet"]["conv_in"]["kernel"])
+    args = (inputs.latents, inputs.image_embeds, params["unet"]["conv_in"]["kernel"])
     errors = _directional_check(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), args)
     print("relative errors (latents, image embeds, conv_in kernel):", errors)
     assert max(errors) <= 1e-2, errors
@@ -84,11 +84,11 @@ def test_depth2img_gradients_match_finite_differences(pipeline_pairs):
     key = jax.random.key(1)
 
     def loss(noise, prompt_embeds, depth_map):
-        out = pipe.sample(params, {**inputs, "noise": noise, "prompt_embeds": prompt_embeds, "depth_map": depth_map},
+        out = pipe.sample(params, inputs.replace(noise=noise, prompt_embeds=prompt_embeds, depth_map=depth_map),
                           key, config=config)
         return jnp.sum(out * weights)
 
-    args = (inputs["noise"], inputs["prompt_embeds"], inputs["depth_map"])
+    args = (inputs.noise, inputs.prompt_embeds, inputs.depth_map)
     errors = _directional_check(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), args)
     print("relative errors (noise, prompt embeds, depth map):", errors)
     assert max(errors) <= 1e-2, errors
@@ -104,9 +104,9 @@ def test_txt2img_gradient_through_prior_and_decoder(pipeline_pairs):
     key = jax.random.key(2)
 
     def loss(prior_latents):
-        return jnp.sum(pipe.sample(params, {**inputs, "prior_latents": prior_latents}, key, config=config) * weights)
+        return jnp.sum(pipe.sample(params, inputs.replace(prior_latents=prior_latents), key, config=config) * weights)
 
-    errors = _directional_check(jax.jit(jax.value_and_grad(loss, argnums=(0,))), (inputs["prior_latents"],))
+    errors = _directional_check(jax.jit(jax.value_and_grad(loss, argnums=(0,))), (inputs.prior_latents,))
     print("relative error (prior latents):", errors)
     assert max(errors) <= 1e-2, errors
 
@@ -122,10 +122,10 @@ def test_remat_bounds_gradient_memory(img2img):
                                       height=16, width=16, num_inference_steps=steps, guidance_scale=3.0)
 
         def loss(image_embeds, inputs=inputs, config=config):
-            out = pipe.sample(params, {**inputs, "image_embeds": image_embeds}, jax.random.key(0), config=config)
+            out = pipe.sample(params, inputs.replace(image_embeds=image_embeds), jax.random.key(0), config=config)
             return jnp.mean(out**2)
 
-        compiled = jax.jit(jax.grad(loss)).lower(inputs["image_embeds"]).compile()
+        compiled = jax.jit(jax.grad(loss)).lower(inputs.image_embeds).compile()
         temp[steps] = compiled.memory_analysis().temp_size_in_bytes
     print("gradient temporaries (bytes) by step count:", temp)
     assert temp[20] <= 2 * temp[2], temp

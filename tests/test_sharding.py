@@ -31,8 +31,8 @@ def meshes():
 
 def _rows(inputs, batch_axis, n):
     """The inputs of the first n batch rows."""
-    return {k: (v if v is None or k not in batch_axis else jnp.take(v, jnp.arange(n), axis=batch_axis[k]))
-            for k, v in inputs.items()}
+    return inputs.replace(**{k: jnp.take(v, jnp.arange(n), axis=batch_axis[k])
+                             for k, v in inputs.as_dict().items() if v is not None and k in batch_axis})
 
 
 def _prepare(kind, pipe, params, batch):

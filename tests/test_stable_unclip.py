@@ -213,9 +213,9 @@ def test_second_call_compiles_nothing_and_progress_bar(unclip, capsys):
     kw = dict(params=params, height=32, width=32, num_inference_steps=3, prior_num_inference_steps=2,
               output_type="latent", guidance_scale=2.0, progress_bar=True)
     pipe("a cat", key=jax.random.key(0), **kw)
-    sizes = (pipe._denoise._cache_size(), pipe._prior_sample._cache_size(), pipe._decode._cache_size())
+    sizes = pipe.compiled_cache_sizes()
     pipe("a dog in the rain", key=jax.random.key(1), **kw)
-    assert (pipe._denoise._cache_size(), pipe._prior_sample._cache_size(), pipe._decode._cache_size()) == sizes
+    assert pipe.compiled_cache_sizes() == sizes
     err = capsys.readouterr().err
     assert "prior:" in err and "/2" in err and "denoising:" in err and "/3" in err
 
@@ -261,3 +261,102 @@ def test_callback_sees_every_step(unclip):
     # Prior steps 0 and 2 (of 3) on [1, 32] embeddings, then decoder steps 0 and 2 (of 4) on latents.
     assert [(i, s) for i, _, s in seen] == [(0, (1, 32)), (2, (1, 32)), (0, (1, 16, 16, 4)), (2, (1, 16, 16, 4))]
     assert seen[0][1] > seen[1][1] and seen[2][1] > seen[3][1]  # timesteps count down
+
+
+# ---------------------------------------------------------------- bad inputs refused before work (issue 15)
+
+
+def test_image_modes_match_transformers(img2img):
+    """Every PIL mode and 1/3/4-channel arrays: the CLIP pixels equal transformers' CLIPImageProcessor's
+    (its convert_rgb), and the pipeline takes them."""
+    from transformers import CLIPImageProcessor
+
+    _, pipe, params = img2img
+    ref = CLIPImageProcessor(**pipe.feature_extractor.to_dict())
+    rng = np.random.RandomState(5)
+    rgb = _image(9)
+    p = rgb.convert("P")
+    p.info["transparency"] = 0
+    images = [rgb.convert(m) for m in ("RGB", "RGBA", "LA", "L", "P", "CMYK")] + [p]
+    images.append(PIL.Image.fromarray(rng.randint(0, 65536, (40, 48)).astype(np.uint16)))  # I;16
+    images += [rng.randint(0, 256, (40, 48, c), dtype=np.uint8) for c in (1, 3, 4)]
+    for image in images:
+        want = ref(image, return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+        got = pipe.feature_extractor(image)
+        what = getattr(image, "mode", None) or f"array {image.shape}"
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=what)
+    inputs, _ = pipe.prepare(images[1], params=params, key=jax.random.key(0), height=32, width=32,
+                             num_inference_steps=2)
+    assert inputs.image_embeds.shape == (1, 32)
+
+
+def test_img2img_image_embeds_width(img2img):
+    _, pipe, params = img2img
+    with pytest.raises(ValueError, match=r"`image_embeds` must be \[B, 32\] .*got shape \(1, 31\)"):
+        pipe.prepare(image_embeds=np.zeros((1, 31), np.float32), params=params, key=jax.random.key(0))
+
+
+def test_non_finite_inputs_refused(unclip, img2img):
+    _, pipe, params = unclip
+    kw = dict(params=params, key=jax.random.key(0), height=32, width=32, num_inference_steps=2,
+              prior_num_inference_steps=2)
+    nan = np.float32("nan")
+    bad = {
+        "latents": np.full((1, 16, 16, 4), nan),
+        "prior_latents": np.full((1, 32), np.inf, np.float32),
+        "image_embeds_noise": np.full((1, 32), nan),
+        "step_noise": np.full((2, 1, 16, 16, 4), nan),
+        "prior_step_noise": np.full((2, 1, 32), nan),
+    }
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match=f"`{name}` has non-finite values"):
+            pipe.prepare("x", **{name: value}, **kw)
+    for name in ("guidance_scale", "prior_guidance_scale"):
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+                pipe("x", **{name: value}, **kw)
+    _, pipe2, params2 = img2img
+    with pytest.raises(ValueError, match="`image_embeds` has non-finite values"):
+        pipe2.prepare(image_embeds=np.full((1, 32), nan), params=params2, key=jax.random.key(0))
+    for name in ("prompt_embeds", "negative_prompt_embeds"):
+        embeds = {"prompt_embeds": np.zeros((1, 77, 32), np.float32), name: np.full((1, 77, 32), nan)}
+        with pytest.raises(ValueError, match=f"`{name}` has non-finite values"):
+            pipe2.prepare(image_embeds=np.zeros((1, 32), np.float32), params=params2, key=jax.random.key(0),
+                          **embeds)
+
+
+def test_keys_params_and_components_checked_first(unclip):
+    _, pipe, params = unclip
+    kw = dict(params=params, height=32, width=32, num_inference_steps=2, prior_num_inference_steps=2)
+    for key in (0, "seed", jax.random.PRNGKey(0)):
+        with pytest.raises(TypeError, match=r"key .*jax\.random\.key\(0\)"):
+            pipe("x", key=key, **kw)
+    kw["key"] = jax.random.key(0)
+    unet = dict(params["unet"])
+    del unet["conv_in"]
+    with pytest.raises(ValueError, match=r"params\['unet'\]: .*\n  missing from the params \(2\): conv_in/bias, conv_in/kernel"):
+        pipe("x", **dict(kw, params={**params, "unet": unet}))
+    unet = {**params["unet"], "conv_out": {**params["unet"]["conv_out"], "bias": np.zeros(5, np.float32)}}
+    with pytest.raises(ValueError, match=r"wrong shape \(1\): conv_out/bias \(5,\), expected \(4,\)"):
+        pipe("x", **dict(kw, params={**params, "unet": unet}))
+    with pytest.raises(ValueError, match="params has no 'vae' entry"):
+        pipe("x", **dict(kw, params={k: v for k, v in params.items() if k != "vae"}))
+    broken = type(pipe)(**{**{n: getattr(pipe, n) for n in pipe.COMPONENTS}, "vae": None})
+    with pytest.raises(ValueError, match=r"has no vae \(None\)"):
+        broken("x", **kw)
+
+
+def test_non_finite_result_warns_naming_the_stage(img2img):
+    """A NaN made during sampling (here by a NaN weight) is reported with the stage that made it."""
+    _, pipe, params = img2img
+    embeds = np.random.RandomState(0).randn(1, 32).astype(np.float32)
+    kw = dict(image_embeds=embeds, key=jax.random.key(0), height=32, width=32, num_inference_steps=2,
+              guidance_scale=1.0, output_type="np")
+    kernel = params["unet"]["conv_out"]["kernel"]
+    unet = {**params["unet"], "conv_out": {**params["unet"]["conv_out"], "kernel": kernel * np.float32("nan")}}
+    with pytest.warns(RuntimeWarning, match=r"the decoder \(UNet loop\) produced non-finite values"):
+        pipe(params={**params, "unet": unet}, **kw)
+    kernel = params["vae"]["decoder"]["conv_out"]["kernel"]
+    decoder = {**params["vae"]["decoder"], "conv_out": {**params["vae"]["decoder"]["conv_out"], "kernel": kernel * np.inf}}
+    with pytest.warns(RuntimeWarning, match="the VAE decoder produced non-finite values"):
+        pipe(params={**params, "vae": {**params["vae"], "decoder": decoder}}, **kw)

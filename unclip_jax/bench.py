@@ -184,8 +184,7 @@ class _JaxPipeline:
         self.calls = 0
 
     def _jitted(self):
-        pipe = self.pipe
-        return (pipe._prior_sample, pipe._denoise, pipe._decode, pipe._encode_prior_prompt)
+        return [getattr(type(self.pipe), name) for name in self.pipe.COMPILED]
 
     def run(self):
         import numpy as np  # noqa: PLC0415

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from unclip_jax.models.resize import resize_nearest
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -92,6 +94,32 @@ def to_rgb_uint8(image) -> np.ndarray:
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
     return arr[..., :3]
+
+
+def vae_pixels(images: list, factor: int) -> np.ndarray:
+    """Images (PIL or [H, W, C] arrays, one size) -> float32 [N, H', W', 3] in [-1, 1], H' and W' cut down
+    to multiples of `factor` as diffusers' VaeImageProcessor does (Lanczos for PIL, before the RGB
+    conversion; torch's nearest for arrays). Every PIL mode and 1, 3 or 4 channels are made RGB by
+    `to_rgb_float` (diffusers' processor, with do_convert_rgb, would drop alpha rather than composite it
+    onto white as transformers does: we composite, so the depth estimator and the VAE see one image)."""
+    out = []
+    for im in images:
+        h, w = (im.height, im.width) if isinstance(im, PIL.Image.Image) else np.shape(im)[:2]
+        if h < factor or w < factor:
+            raise ValueError(f"an image of size {(h, w)} is smaller than the VAE factor {factor}")
+        size = (h - h % factor, w - w % factor)
+        if isinstance(im, PIL.Image.Image):
+            if (h, w) != size:
+                im = im.resize(size[::-1], resample=PIL.Image.LANCZOS)
+            x = to_rgb_float(im)
+        else:
+            x = to_rgb_float(im)
+            if (h, w) != size:
+                x = resize_nearest(x, size)
+        out.append(x)
+    if len({x.shape for x in out}) > 1:
+        raise ValueError(f"images differ in size {sorted({x.shape[:2] for x in out})}; give images of one size")
+    return np.stack(out) * 2 - 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,9 +23,12 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from unclip_jax.image_processing import to_rgb_float, to_rgb_uint8
 from unclip_jax.models.config import UnsupportedConfigError
 
 CONFIG_NAME = "preprocessor_config.json"
+# PIL modes a depth map image may have (single channel; any scale: depth is normalised per image).
+DEPTH_MODES = ("L", "I", "I;16", "F")
 
 # Keys that do not change what DPT computes on images.
 _IGNORED = {
@@ -214,3 +217,40 @@ def _flatten(images) -> list:
     if x.ndim == 4:
         return list(x)
     return [x]
+
+
+def dpt_input(image) -> np.ndarray:
+    """One image (PIL of any mode, or an [H, W, C] array with 1, 3 or 4 channels) -> the uint8 RGB array
+    the depth estimator reads. PIL images and uint8 arrays are made RGB as transformers' `convert_rgb`
+    does (transparency composited onto white, gray repeated); float arrays in [0, 1] are rounded to uint8
+    (the PIL image they equal: transformers would truncate them and divide by 255 twice)."""
+    if isinstance(image, PIL.Image.Image) or np.asarray(image).dtype == np.uint8:
+        return to_rgb_uint8(image)
+    return np.round(to_rgb_float(image) * 255).astype(np.uint8)
+
+
+def depth_array(depth_map) -> np.ndarray:
+    """A depth map argument -> float32 [D, H, W]: an array [D, H, W] (or [H, W]), or single-channel PIL
+    images (a mode in DEPTH_MODES; any scale: depth is normalised per image)."""
+    if isinstance(depth_map, PIL.Image.Image) or (
+            isinstance(depth_map, (list, tuple)) and depth_map and isinstance(depth_map[0], PIL.Image.Image)):
+        ims = [depth_map] if isinstance(depth_map, PIL.Image.Image) else list(depth_map)
+        for im in ims:
+            if not isinstance(im, PIL.Image.Image) or im.mode not in DEPTH_MODES:
+                got = im.mode if isinstance(im, PIL.Image.Image) else type(im).__name__
+                raise ValueError(f"a depth_map image must be single-channel PIL (mode {'/'.join(DEPTH_MODES)}); "
+                                 f"got {got}")
+        d = [np.asarray(im, dtype=np.float32) for im in ims]
+        if len({x.shape for x in d}) > 1:
+            raise ValueError("depth_map images differ in size")
+        return np.stack(d)
+    if not (hasattr(depth_map, "shape") and hasattr(depth_map, "dtype")):
+        raise TypeError(f"depth_map: expected an array [B, H, W] or a PIL depth image; got {type(depth_map).__name__}")
+    d = np.asarray(depth_map, dtype=np.float32)
+    if d.ndim == 2:
+        d = d[None]
+    if d.ndim != 3:
+        raise ValueError(f"depth_map must be [B, H, W]; got shape {d.shape}")
+    if not np.isfinite(d).all():
+        raise ValueError("depth_map has non-finite values (NaN or Inf)")
+    return d

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from importlib import resources
 
@@ -91,13 +92,31 @@ def check_prompt(prompt, what: str = "prompt") -> list[str]:
     raise TypeError(f"{what} must be a string or a list of strings; got {type(bad).__name__}")
 
 
+# transformers warns, once per tokenizer, when a text tokenizes past model_max_length, that running it
+# "will result in indexing errors": untrue here, since `tokenize` cuts every prompt (and says so itself).
+_TOO_LONG_FLAG = "sequence-length-is-longer-than-the-specified-maximum"
+
+
+def _quiet(tokenizer):
+    flags = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(flags, dict):
+        flags[_TOO_LONG_FLAG] = True
+    return tokenizer
+
+
 def tokenize(tokenizer, prompt, what: str = "prompt") -> tuple[np.ndarray, np.ndarray]:
-    """Pads to the tokenizer's max length and truncates, as diffusers' encode_prompt does.
+    """Pads to the tokenizer's max length and truncates, as diffusers' encode_prompt does, warning (as
+    diffusers does) with the part of each prompt that was cut off.
 
     Returns (input_ids [B, T] int32, attention_mask [B, T] int32).
     """
     prompts = check_prompt(prompt, what)
-    enc = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+    n = tokenizer.model_max_length
+    enc = _quiet(tokenizer)(prompts, padding="max_length", max_length=n, truncation=True)
+    removed = [tokenizer.decode(ids[n - 1:-1]) for ids in tokenizer(prompts)["input_ids"] if len(ids) > n]
+    if removed:
+        warnings.warn(f"The following part of your input was truncated because CLIP can only handle sequences up "
+                      f"to {n} tokens: {removed}", UserWarning, stacklevel=2)
     return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32)
 
 
@@ -108,7 +127,7 @@ def maybe_convert_prompt(prompt, tokenizer):
     if not isinstance(prompt, str):
         return [maybe_convert_prompt(p, tokenizer) for p in prompt]
     added = tokenizer.added_tokens_encoder
-    for token in set(tokenizer.tokenize(prompt)):
+    for token in set(_quiet(tokenizer).tokenize(prompt)):
         if token in added:
             extra, i = [], 1
             while f"{token}_{i}" in added:

@@ -21,11 +21,11 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from unclip_jax.models.attention import attention, merge_heads, split_heads
 from unclip_jax.models.bit import ACTIVATIONS, BitBackbone, BitConfig
 from unclip_jax.models.config import UnsupportedConfigError, config_from_dict, config_to_dict
+from unclip_jax.models.resize import resize_bilinear
 
 # What transformers' DPTConfig builds for a hybrid model whose config.json has no backbone_config.
 _DEFAULT_HYBRID_BACKBONE = {
@@ -158,42 +158,6 @@ class DPTDepthOutput:
 
     predicted_depth: jax.Array
     hidden_states: tuple[jax.Array, ...] | None = None
-
-
-# ---------------------------------------------------------------------------------------------------
-# Resampling
-
-
-def _linear_taps(size_in: int, size_out: int, align_corners: bool):
-    """Source indices and weights of PyTorch's linear interpolation along one axis (no antialias)."""
-    dst = np.arange(size_out, dtype=np.float32)
-    if align_corners:
-        scale = np.float32((size_in - 1) / (size_out - 1)) if size_out > 1 else np.float32(0)
-        src = dst * scale
-    else:
-        scale = np.float32(size_in / size_out)
-        src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0))
-    i0 = np.minimum(np.floor(src).astype(np.int32), size_in - 1)
-    i1 = np.minimum(i0 + 1, size_in - 1)
-    return i0, i1, (src - i0).astype(np.float32)
-
-
-def resize_bilinear(x: jax.Array, size: tuple[int, int], align_corners: bool) -> jax.Array:
-    """[B, H, W, C] -> [B, h, w, C] as torch's `interpolate(mode="bilinear")` computes it.
-
-    Separable two-tap gathers with static indices. jax.image.resize differs: it antialiases when
-    downsampling (torch does not, by default) and has no align_corners=True.
-    """
-    for axis, out in ((1, size[0]), (2, size[1])):
-        if x.shape[axis] == out and not align_corners:
-            continue
-        i0, i1, w = _linear_taps(x.shape[axis], out, align_corners)
-        shape = [1] * x.ndim
-        shape[axis] = out
-        w = jnp.asarray(w).reshape(shape)
-        a, b = jnp.take(x, i0, axis=axis), jnp.take(x, i1, axis=axis)
-        x = (a.astype(jnp.float32) * (1 - w) + b.astype(jnp.float32) * w).astype(x.dtype)
-    return x
 
 
 # ---------------------------------------------------------------------------------------------------

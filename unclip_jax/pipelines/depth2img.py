@@ -7,7 +7,7 @@ a UNet reading [latents, depth] (C + 1 channels) over the remaining steps -> VAE
 
 A call is `prepare` (checks, prompt encoding, depth estimation, VAE encoding, the initial random draws)
 then `sample` (pure: inputs -> images, differentiable with respect to latents, prompt embeddings, the depth
-map and params) then post-processing. The denoising loop (noising at the start step included) is one
+map and params) then post-processing (see `pipelines.base`). The denoising loop (noising at the start step included) is one
 jit-compiled `lax.fori_loop`, cached per static configuration (guidance on/off, start step, callback,
 shapes, mesh): a second call with the same configuration compiles nothing.
 """
@@ -24,136 +24,42 @@ import numpy as np
 import PIL.Image
 from jax.experimental import io_callback
 
-from unclip_jax.image_processing import image_list, to_rgb_float
+from unclip_jax.image_processing import image_list, vae_pixels
+from unclip_jax.image_processing_dpt import depth_array, dpt_input
+from unclip_jax.models.resize import resize_bicubic
+from unclip_jax.pipelines.base import DiffusionPipeline, Inputs, host_hooks, typed_inputs
+from unclip_jax.pipelines.checks import (
+    MAX_PIXELS,
+    check_count,
+    check_eta,
+    check_finite_real,
+    check_max_pixels,
+    check_pixels,
+    check_strength,
+)
 from unclip_jax.pipelines.common import (
-    ImagePipelineOutput,
+    HostHooks,
     batch_size_of,
-    cfg_batch,
     cfg_halves,
     cfg_pairs,
-    check_output_type,
+    chain_hooks,
+    check_key,
     check_random_input,
     encode_prompt,
-    guide,
-    postprocess,
+    guidance_batch,
+    guided_model,
+    prepare_keys,
+    progress_hook,
     sampling_loop,
     step_kwargs,
-    want_progress,
-    with_lora,
+    warn_if_nonfinite,
 )
-from unclip_jax.lora import LoraLoaderMixin
-from unclip_jax.pipelines.checks import check_count, check_eta, check_finite_real, check_strength
-from unclip_jax.pipelines.loading import PipelineBase
-from unclip_jax.sharding import constrain, replicate, shard_call
-from unclip_jax.textual_inversion import TextualInversionLoaderMixin
+from unclip_jax.sharding import constrain, replicate
 
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds", "depth_mask")
-_DEPTH_MODES = ("L", "I", "I;16", "F")
 # The dim holding the batch rows of each batch-sized input (the rest are replicated on a mesh).
 BATCH_AXIS = {"prompt_embeds": 0, "negative_prompt_embeds": 0, "image_rows": 0, "depth_rows": 0, "noise": 0,
               "step_noise": 1}
-
-
-# ---------------------------------------------------------------------------------------------------
-# PyTorch's bicubic resampling
-
-
-def _cubic_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """[size_out, size_in] weights of `torch.nn.functional.interpolate(mode="bicubic", align_corners=False)`
-    along one axis: Keys' cubic with a = -0.75 (jax.image.resize uses a = -0.5), half-pixel centres
-    without clamping the source coordinate, taps clamped to the border, arithmetic in float32."""
-    a = np.float32(-0.75)
-    scale = np.float32(size_in) / np.float32(size_out)
-    dst = np.arange(size_out, dtype=np.float32)
-    src = scale * (dst + np.float32(0.5)) - np.float32(0.5)
-    base = np.minimum(np.floor(src).astype(np.int64), size_in - 1)
-    t = np.clip(src - base.astype(np.float32), 0, 1).astype(np.float32)
-
-    def near(x):  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
-    m = np.zeros((size_out, size_in), np.float32)
-    for k in range(4):
-        np.add.at(m, (np.arange(size_out), np.clip(base - 1 + k, 0, size_in - 1)), weights[:, k])
-    return m
-
-
-def resize_bicubic(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """[B, H, W] -> [B, *size], as PyTorch's bicubic interpolate with align_corners=False."""
-    mh = jnp.asarray(_cubic_matrix(x.shape[1], size[0]))
-    mw = jnp.asarray(_cubic_matrix(x.shape[2], size[1]))
-    return jnp.einsum("oh,bhw,pw->bop", mh, x, mw, precision=jax.lax.Precision.HIGHEST)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Inputs
-
-
-def _nearest(x: np.ndarray, height: int, width: int) -> np.ndarray:
-    """[H, W, C] -> [height, width, C], PyTorch's default (nearest) interpolate."""
-    def idx(n_in, n_out):
-        scale = np.float32(n_in) / np.float32(n_out)
-        return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
-    return x[idx(x.shape[0], height)][:, idx(x.shape[1], width)]
-
-
-def vae_pixels(images: list, factor: int) -> np.ndarray:
-    """Images (PIL or [H, W, C] arrays, one size) -> float32 [N, H', W', 3] in [-1, 1], H' and W' cut down
-    to multiples of `factor` as diffusers' VaeImageProcessor does (Lanczos for PIL, nearest for arrays)."""
-    out = []
-    for im in images:
-        h, w = (im.height, im.width) if isinstance(im, PIL.Image.Image) else np.shape(im)[:2]
-        if h < factor or w < factor:
-            raise ValueError(f"an image of size {(h, w)} is smaller than the VAE factor {factor}")
-        if isinstance(im, PIL.Image.Image):
-            if h % factor or w % factor:
-                im = im.resize((w - w % factor, h - h % factor), resample=PIL.Image.LANCZOS)
-            x = to_rgb_float(im)
-        else:
-            x = to_rgb_float(im)
-            if h % factor or w % factor:
-                x = _nearest(x, h - h % factor, w - w % factor)
-        out.append(x)
-    if len({x.shape for x in out}) > 1:
-        raise ValueError(f"images differ in size {sorted({x.shape[:2] for x in out})}; give images of one size")
-    return np.stack(out) * 2 - 1
-
-
-def _dpt_input(image):
-    """What the DPT processor reads: PIL images and uint8 arrays as they are (diffusers' path); float
-    arrays in [0, 1] as uint8 by rounding (transformers would truncate them and divide by 255 twice)."""
-    if isinstance(image, PIL.Image.Image) or np.asarray(image).dtype == np.uint8:
-        return image
-    return np.round(to_rgb_float(image) * 255).astype(np.uint8)
-
-
-def depth_array(depth_map) -> np.ndarray:
-    """A depth map argument -> float32 [D, H, W]: an array [D, H, W] (or [H, W]), or single-channel PIL
-    images (mode L, I or F; any scale: depth is normalised per image)."""
-    if isinstance(depth_map, PIL.Image.Image) or (
-            isinstance(depth_map, (list, tuple)) and depth_map and isinstance(depth_map[0], PIL.Image.Image)):
-        ims = [depth_map] if isinstance(depth_map, PIL.Image.Image) else list(depth_map)
-        for im in ims:
-            if not isinstance(im, PIL.Image.Image) or im.mode not in _DEPTH_MODES:
-                got = im.mode if isinstance(im, PIL.Image.Image) else type(im).__name__
-                raise ValueError(f"a depth_map image must be single-channel PIL (mode {'/'.join(_DEPTH_MODES)}); "
-                                 f"got {got}")
-        d = [np.asarray(im, dtype=np.float32) for im in ims]
-        if len({x.shape for x in d}) > 1:
-            raise ValueError("depth_map images differ in size")
-        return np.stack(d)
-    if not (hasattr(depth_map, "shape") and hasattr(depth_map, "dtype")):
-        raise TypeError(f"depth_map: expected an array [B, H, W] or a PIL depth image; got {type(depth_map).__name__}")
-    d = np.asarray(depth_map, dtype=np.float32)
-    if d.ndim == 2:
-        d = d[None]
-    if d.ndim != 3:
-        raise ValueError(f"depth_map must be [B, H, W]; got shape {d.shape}")
-    return d
 
 
 def _rows(n: int, n_prompts: int, per_prompt: int, what: str) -> np.ndarray:
@@ -167,6 +73,38 @@ def _rows(n: int, n_prompts: int, per_prompt: int, what: str) -> np.ndarray:
         return np.repeat(np.arange(n, dtype=np.int32), per_prompt)
     raise ValueError(f"{n} {what} for {n_prompts} prompt(s) x {per_prompt} image(s) per prompt: give 1, "
                      f"{n_prompts} or {batch}")
+
+
+def _image_size(image) -> tuple[int, int]:
+    return (image.height, image.width) if isinstance(image, PIL.Image.Image) else tuple(np.shape(image)[:2])
+
+
+@typed_inputs
+class Depth2ImgInputs(Inputs):
+    """What `prepare` gives `sample` (a frozen pytree: change a field with `.replace(name=value)`).
+
+    prompt_embeds / negative_prompt_embeds [B, T, E] (the latter None without guidance); image_latents
+    [N, h, w, C] (the VAE posterior sample of the N images, before `scaling_factor`) and image_rows [B]
+    (the image each batch row starts from); depth_map [M, H', W'] (raw depth, any scale) and depth_rows
+    [B]; noise [B, h, w, C] (added at the start step); guidance_scale; step_noise [steps, B, h, w, C] or
+    None (drawn from the key).
+    """
+
+    BATCH_AXIS = BATCH_AXIS
+
+    prompt_embeds: jax.Array
+    negative_prompt_embeds: jax.Array | None
+    image_latents: jax.Array
+    image_rows: jax.Array
+    depth_map: jax.Array
+    depth_rows: jax.Array
+    noise: jax.Array
+    guidance_scale: jax.Array
+    step_noise: jax.Array | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(np.shape(self.noise)[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,15 +127,14 @@ class Depth2ImgConfig:
         return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
 
 
-class StableDiffusionDepth2ImgPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, PipelineBase):
+class StableDiffusionDepth2ImgPipeline(DiffusionPipeline):
     """Text-guided, depth-preserving image-to-image with Stable Diffusion 2 depth."""
 
     COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler", "vae", "depth_estimator", "feature_extractor")
     SAMPLE_MODELS = ("unet", "vae")
-
-    def __init__(self, **components):
-        super().__init__(**components)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+    INPUTS = Depth2ImgInputs
+    COMPILED = ("_posterior", "_depth", "_depth_mask", "_denoise_loop", "_decode")
+    BATCH_AXIS = BATCH_AXIS
 
     # ------------------------------------------------------------------ jitted pieces
 
@@ -219,49 +156,52 @@ class StableDiffusionDepth2ImgPipeline(LoraLoaderMixin, TextualInversionLoaderMi
         d = jnp.where(hi > lo, 2.0 * (d - lo) / jnp.where(hi > lo, hi - lo, 1.0) - 1.0, 0.0)
         return constrain(layout, d[rows][..., None])
 
-    def _scheduler_state(self, config: Depth2ImgConfig, shape):
+    def _start_state(self, config: Depth2ImgConfig, shape):
         """The scheduler state started at the step `strength` keeps, and that step's index."""
         start = (config.num_inference_steps - config.init_timestep) * self.scheduler.order
         # Multistep schedulers size their history buffers by the sample shape.
-        state = self.scheduler.set_timesteps(self.scheduler.create_state(), config.num_inference_steps, shape=shape)
+        state = self.scheduler_state(self.scheduler, config.num_inference_steps, shape)
         return self.scheduler.set_begin_index(state, start), start
 
-    @functools.partial(jax.jit, static_argnums=(0,),
-                       static_argnames=("start", "do_cfg", "callback", "tensor_inputs", "eta", "progress", "layout",
-                                        "remat"))
-    def _denoise(self, params, state, image_latents, rows, noise, text, negative, depth_mask, guidance_scale, key,
-                 step_noise, *, start, do_cfg, callback, tensor_inputs, eta, progress, layout=None, remat=False):
-        init_latents = constrain(layout, image_latents[rows] * self.vae.config.scaling_factor)
+    @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("start", "do_cfg", "eta", "hooks", "layout"))
+    def _denoise_loop(self, params, state, inputs: Depth2ImgInputs, depth_mask, key, *, start, do_cfg, eta, hooks,
+                      layout=None):
+        """Image latents noised to the start step -> denoised latents (one fori_loop over the steps
+        `strength` keeps), the UNet reading [latents, depth mask]."""
+        init_latents = constrain(layout, inputs.image_latents[inputs.image_rows] * self.vae.config.scaling_factor)
         t0 = jnp.full((init_latents.shape[0],), state.timesteps[start])
-        latents = self.scheduler.add_noise(state, init_latents, noise, t0)
+        latents = self.scheduler.add_noise(state, init_latents, inputs.noise, t0)
         unet_params = params["unet"]
 
-        def model_fn(x, t, cond):
-            x_in = cfg_batch(x, x) if do_cfg else x
-            x_in = jnp.concatenate([x_in, cond["depth_mask"].astype(x_in.dtype)], axis=-1)
-            out = self.unet.apply({"params": unet_params}, x_in, t, cond["prompt_embeds"])
-            return guide(out, guidance_scale) if do_cfg else out
+        def apply(x, t, cond):
+            x = jnp.concatenate([x, cond["depth_mask"].astype(x.dtype)], axis=-1)
+            return self.unet.apply({"params": unet_params}, x, t, cond["prompt_embeds"])
 
-        on_step_end = None
-        if callback is not None:
-            # The host sees diffusers' [negative; prompt] layout of the guidance batch.
-            doubled = ("prompt_embeds", "depth_mask") if do_cfg else ()
+        model_fn = guided_model(apply, inputs.guidance_scale, do_cfg)
+        negative = inputs.negative_prompt_embeds if do_cfg else None
+        cond = {"prompt_embeds": guidance_batch(negative, inputs.prompt_embeds, do_cfg),
+                "negative_prompt_embeds": negative,
+                "depth_mask": guidance_batch(depth_mask, depth_mask, do_cfg)}
+        on_step_end = chain_hooks(
+            self._round_trip_hook(hooks, do_cfg) if hooks.on_step_end is not None else None,
+            progress_hook("denoising", state.timesteps.shape[0] - start) if hooks.progress else None)
+        return sampling_loop(model_fn, self.scheduler, state, latents, key=key, step_noise=inputs.step_noise,
+                             step_options=step_kwargs(self.scheduler, eta), start=start, cond=cond,
+                             on_step_end=on_step_end, layout=layout, remat=not hooks.any)
 
-            def host_round_trip(i, t, x, cond):
-                args = {"latents": x, **{k: cfg_halves(v) if k in doubled else v for k, v in cond.items()}}
-                shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
-                host = functools.partial(self._run_callback, callback, tensor_inputs)
-                new = io_callback(host, shapes, i, t, args, ordered=True)
-                return new["latents"], {k: cfg_pairs(new[k]) if k in doubled else new[k] for k in cond}
+    def _round_trip_hook(self, hooks: HostHooks, do_cfg: bool):
+        """diffusers' callback_on_step_end as a loop hook: a host round trip whose returned tensors
+        replace the loop's. The host sees diffusers' [negative; prompt] layout of the guidance batch."""
+        doubled = ("prompt_embeds", "depth_mask") if do_cfg else ()
 
-            on_step_end = host_round_trip
+        def hook(i, t, x, cond):
+            args = {"latents": x, **{k: cfg_halves(v) if k in doubled else v for k, v in cond.items()}}
+            shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+            host = functools.partial(self._run_callback, hooks.on_step_end, hooks.tensor_inputs)
+            new = io_callback(host, shapes, i, t, args, ordered=True)
+            return new["latents"], {k: cfg_pairs(new[k]) if k in doubled else new[k] for k in cond}
 
-        cond = {"prompt_embeds": cfg_batch(negative, text) if do_cfg else text, "negative_prompt_embeds": negative,
-                "depth_mask": cfg_batch(depth_mask, depth_mask) if do_cfg else depth_mask}
-        options = step_kwargs(self.scheduler, eta)
-        return sampling_loop(model_fn, self.scheduler, state, latents, key, step_noise, options, start=start, cond=cond,
-                             on_step_end=on_step_end, progress="denoising" if progress else None, layout=layout,
-                             remat=remat)
+        return hook
 
     def _run_callback(self, callback, names, i, t, args):
         """On the host, once per step: diffusers' callback_on_step_end(pipe, i, t, kwargs) -> dict, whose
@@ -276,17 +216,24 @@ class StableDiffusionDepth2ImgPipeline(LoraLoaderMixin, TextualInversionLoaderMi
                 args[k] = v
         return args
 
-    @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("layout",))
-    def _decode(self, params, latents, *, layout=None):
-        scale = self.vae.config.scaling_factor
-        return constrain(layout, self.vae.apply({"params": params["vae"]}, latents / scale, method="decode"))
+    def _sample_placed(self, params, inputs: Depth2ImgInputs, key, config, layout, hooks):
+        noise = inputs.noise
+        state, start = self._start_state(config, noise.shape)
+        mask = self._depth_mask(inputs.depth_map, inputs.depth_rows, size=noise.shape[1:3], layout=layout)
+        latents = self._denoise_loop(params, replicate(layout, state), inputs, mask, replicate(layout, key),
+                                     start=start, do_cfg=config.guidance, eta=float(config.eta), hooks=hooks,
+                                     layout=layout)
+        warn_if_nonfinite(latents, "decoder (UNet loop)", given=inputs.noise)
+        return self._decode_checked(params, latents, config, layout)
 
     # ------------------------------------------------------------------ public pieces
 
     def estimate_depth(self, params, image) -> jax.Array:
-        """Images (PIL, list, or [B, H, W, 3] uint8 / float in [0, 1]) -> DPT relative depth [B, H', W']."""
+        """Images (PIL of any mode, a list, or [B, H, W, C] arrays with 1, 3 or 4 channels, uint8 or float
+        in [0, 1]) -> DPT relative depth [B, H', W']."""
+        self.require("depth_estimator", "feature_extractor")
         images = image_list(image)
-        return self._depth(params, jnp.asarray(self.feature_extractor([_dpt_input(im) for im in images])))
+        return self._depth(params, jnp.asarray(self.feature_extractor([dpt_input(im) for im in images])))
 
     def encode_image(self, params, image, key=None, noise=None) -> jax.Array:
         """Images -> the VAE posterior sample mean + std * noise [B, h, w, C] (unscaled: diffusers multiplies
@@ -296,29 +243,6 @@ class StableDiffusionDepth2ImgPipeline(LoraLoaderMixin, TextualInversionLoaderMi
         if noise is None:
             noise = jax.random.normal(key, mean.shape, jnp.float32)
         return mean + std * noise
-
-    def _sample(self, params, inputs, key, config, mesh, callback=None, tensor_inputs=("latents",), progress=False):
-        batch = int(np.shape(inputs["noise"])[0])
-        layout, params, inputs = shard_call(mesh, params, self.SAMPLE_MODELS, inputs, BATCH_AXIS, batch)
-        noise = inputs["noise"]
-        state, start = self._scheduler_state(config, noise.shape)
-        mask = self._depth_mask(inputs["depth_map"], inputs["depth_rows"], size=noise.shape[1:3], layout=layout)
-        latents = self._denoise(params, replicate(layout, state), inputs["image_latents"], inputs["image_rows"], noise,
-                                inputs["prompt_embeds"], inputs["negative_prompt_embeds"] if config.guidance else None,
-                                mask, inputs["guidance_scale"], replicate(layout, key), inputs["step_noise"],
-                                start=start, do_cfg=config.guidance, callback=callback, tensor_inputs=tensor_inputs,
-                                eta=float(config.eta), progress=progress, layout=layout,
-                                remat=callback is None and not progress)
-        out = latents if config.output_type == "latent" else self._decode(params, latents, layout=layout)
-        return out if out.shape[0] == batch else out[:batch]
-
-    def sample(self, params, inputs: dict[str, Any], key: jax.Array, *, config: Depth2ImgConfig, mesh=None):
-        """inputs (see `prepare`) -> the VAE output [B, H, W, 3] (about [-1, 1], unclipped), or the final
-        latents [B, h, w, C] for `config.output_type == "latent"`. Pure and differentiable (with respect to
-        image latents, noise, prompt embeddings, the depth map and params); `key` draws only the scheduler's
-        per-step noise. On a `mesh` the batch is split over it (see `sharding`); any batch size works
-        (padded, then trimmed)."""
-        return self._sample(params, inputs, key, config, mesh)
 
     def prepare(
         self,
@@ -340,13 +264,18 @@ class StableDiffusionDepth2ImgPipeline(LoraLoaderMixin, TextualInversionLoaderMi
         image_latents=None,
         noise=None,
         step_noise=None,
-    ) -> tuple[dict[str, Any], Depth2ImgConfig]:
+        max_pixels: int | None = MAX_PIXELS,
+    ) -> tuple[Depth2ImgInputs, Depth2ImgConfig]:
         """Checks the arguments (see diffusers' StableDiffusionDepth2ImgPipeline), encodes the prompts,
         estimates depth and encodes the image where not given, and draws every random input not given:
         (inputs, config) for `sample`.
 
-        image: a PIL image, a list of them, or an array [B, H, W, C] (uint8, or float in [0, 1]); may be
-          None when both `image_latents` and `depth_map` are given.
+        image: a PIL image (any mode), a list of them, or an array [B, H, W, C] with 1, 3 or 4 channels
+          (uint8, or float in [0, 1]); made RGB as transformers' convert_rgb does (transparency onto
+          white). May be None when both `image_latents` and `depth_map` are given.
+        max_pixels: images larger than this many pixels (default `checks.MAX_PIXELS`, 1024 x 1024) are
+          refused before any work (depth estimation and the VAE encoder run at the input's size); None
+          allows any size.
         depth_map: an array [B, H, W] (any scale) or single-channel PIL image(s) (mode L, I or F); None
           estimates depth with the DPT model.
         Random inputs (beyond diffusers): `key` (a `jax.random.key`, the source of every draw not given);
@@ -356,9 +285,7 @@ class StableDiffusionDepth2ImgPipeline(LoraLoaderMixin, TextualInversionLoaderMi
           `step_noise` [steps, B, h, w, C]: the scheduler's per-step noise (DDIM with eta > 0), steps being
           the steps run, int(num_inference_steps * strength) times the scheduler order.
 
-        inputs: prompt_embeds / negative_prompt_embeds [B, T, E]; image_latents [N, h, w, C] and image_rows
-        [B] (the image each batch row starts from); depth_map [M, H', W'] (raw depth, any scale) and
-        depth_rows [B]; noise [B, h, w, C]; guidance_scale; step_noise.
+        See `Depth2ImgInputs` for what the inputs hold.
 
         Where this differs from diffusers on purpose:
         - The depth map is always resized to the latent grid (h, w). diffusers swaps height and width for
@@ -375,10 +302,14 @@ class StableDiffusionDepth2ImgPipeline(LoraLoaderMixin, TextualInversionLoaderMi
         """
         # ---- checks before work
         check_strength(strength)
-        check_eta(eta)
         check_count(num_inference_steps, "num_inference_steps")
         check_count(num_images_per_prompt, "num_images_per_prompt")
         check_finite_real(guidance_scale, "guidance_scale")
+        check_eta(eta)
+        check_max_pixels(max_pixels)
+        if key is not None:
+            check_key(key)
+        self.require("tokenizer", "text_encoder", "unet", "scheduler", "vae")
         n_prompts = batch_size_of(prompt, prompt_embeds)
         batch = n_prompts * num_images_per_prompt
         config = Depth2ImgConfig(num_inference_steps=num_inference_steps, strength=float(strength),
@@ -391,7 +322,11 @@ class StableDiffusionDepth2ImgPipeline(LoraLoaderMixin, TextualInversionLoaderMi
                 raise ValueError("give `image` (or both `image_latents` and `depth_map`)")
         else:
             images = image_list(image)
+            for i, im in enumerate(images):
+                check_pixels(*_image_size(im), max_pixels, "image" if len(images) == 1 else f"image[{i}]")
         depth = None if depth_map is None else depth_array(depth_map)
+        if depth is None:
+            self.require("depth_estimator", "feature_extractor")
         pixels = None if images is None else vae_pixels(images, f)
         c = self.vae.config.latent_channels
         if pixels is not None:
@@ -407,7 +342,7 @@ class StableDiffusionDepth2ImgPipeline(LoraLoaderMixin, TextualInversionLoaderMi
         if depth is not None and depth.shape[0] != n_images:
             depth_rows = _rows(depth.shape[0], n_prompts, num_images_per_prompt, "depth map(s)")
         shape = (batch, *lat, c)
-        state, start = self._scheduler_state(config, shape)
+        state, start = self._start_state(config, shape)
         n_run = int(state.timesteps.shape[0]) - start
         if n_run <= 0:
             raise ValueError(f"strength {strength} x num_inference_steps {num_inference_steps} leaves no denoising "
@@ -417,8 +352,9 @@ class StableDiffusionDepth2ImgPipeline(LoraLoaderMixin, TextualInversionLoaderMi
         if key is None:
             if image_latents is None or noise is None or (eta > 0 and step_noise is None):
                 raise ValueError("give `key`, or every random input (image_latents, noise, and step_noise if eta > 0)")
-            key = jax.random.key(0)
-        k_posterior, k_noise = jax.random.split(jax.random.fold_in(key, 1))
+        needed = ("text_encoder",) + self.SAMPLE_MODELS
+        self.check_params(params, needed + (("depth_estimator",) if depth is None else ()))
+        k_posterior, k_noise = prepare_keys(key, 2)
 
         # ---- work
         pe, npe = encode_prompt(
@@ -434,10 +370,10 @@ class StableDiffusionDepth2ImgPipeline(LoraLoaderMixin, TextualInversionLoaderMi
             image_latents = mean + std * jax.random.normal(k_posterior, mean.shape, jnp.float32)
         if noise is None:
             noise = jax.random.normal(k_noise, shape, jnp.float32)
-        inputs = {"prompt_embeds": pe, "negative_prompt_embeds": npe, "image_latents": image_latents,
-                  "image_rows": jnp.asarray(rows), "depth_map": jnp.asarray(depth, jnp.float32),
-                  "depth_rows": jnp.asarray(depth_rows), "noise": noise, "step_noise": step_noise,
-                  "guidance_scale": jnp.float32(guidance_scale)}
+        inputs = Depth2ImgInputs(prompt_embeds=pe, negative_prompt_embeds=npe, image_latents=image_latents,
+                                 image_rows=jnp.asarray(rows), depth_map=jnp.asarray(depth, jnp.float32),
+                                 depth_rows=jnp.asarray(depth_rows), noise=noise, step_noise=step_noise,
+                                 guidance_scale=jnp.float32(guidance_scale))
         return inputs, config
 
     def __call__(self, *args, params: dict[str, Any], key: jax.Array | None = None, mesh=None,
@@ -460,18 +396,13 @@ class StableDiffusionDepth2ImgPipeline(LoraLoaderMixin, TextualInversionLoaderMi
         cross_attention_kwargs: as in diffusers, only its `scale`: the weight of the active unfused LoRA
           adapters (`load_lora_weights`), on the UNet and the text encoder (default 1.0).
         """
-        check_output_type(output_type)
-        params = with_lora(params, cross_attention_kwargs)
         tensor_inputs = tuple(callback_on_step_end_tensor_inputs or ())
         bad = [k for k in tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not among {list(CALLBACK_TENSOR_INPUTS)}")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise TypeError("callback_on_step_end must be callable")
-        inputs, config = self.prepare(*args, params=params, key=key, **kwargs)
-        if output_type == "latent":
-            config = dataclasses.replace(config, output_type="latent")
-        images = self._sample(params, inputs, jax.random.key(0) if key is None else key, config, mesh,
-                              callback_on_step_end, tensor_inputs, want_progress(progress_bar))
-        images = postprocess(images, output_type)
-        return ImagePipelineOutput(images) if return_dict else (images,)
+        return self._call(args, kwargs, params=params, key=key, mesh=mesh, output_type=output_type,
+                          return_dict=return_dict, cross_attention_kwargs=cross_attention_kwargs,
+                          hooks=host_hooks(on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs,
+                                           progress_bar=progress_bar))
