@@ -296,3 +296,41 @@ def test_image_encoder_of_img2img_pipeline_folder(unclip_img2img_pipeline_dir):
     with torch.no_grad():
         expected = to_numpy(ref(nhwc_to_nchw(pixels)).image_embeds)
     assert_close(module.apply({"params": params}, pixels).embeds, expected, TOL, "image_embeds")
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_layer_norm_two_pass_statistics_settle_clip_parity(fixture_dir, tokenizer, offset, monkeypatch):
+    """CLIP uses the models' one LayerNorm helper (two-pass float32 variance). With token embeddings
+    shifted so the residual stream's mean is large against its spread, the one-pass form (flax's
+    `use_fast_variance`) loses digits that PyTorch keeps; the two-pass form stays within TOL. Measured
+    (relative to the output's scale): offset 30: two-pass 1.6e-5, one-pass 9.7e-4; offset 0: both 6e-7."""
+    import flax.linen as nn
+
+    from unclip_jax.models import layers
+
+    cfg = transformers.CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_size=32,
+                                      intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                      hidden_act="gelu", eos_token_id=2)
+    ref = randomize_(transformers.CLIPTextModel(cfg), seed=11)
+    tower = getattr(ref, "text_model", ref)  # transformers v5 flattened the bare CLIPTextModel
+    with torch.no_grad():
+        tower.embeddings.token_embedding.weight += offset
+    folder = _save(ref, fixture_dir / f"clip_text_offset_{int(offset)}")
+    ids, _ = tokenize(tokenizer, PROMPTS)
+    with torch.no_grad():
+        expected = to_numpy(tower(torch.from_numpy(ids).long()).last_hidden_state)
+
+    def error():
+        module, params = load_component(str(folder))
+        got = np.asarray(module.apply({"params": params}, ids).last_hidden_state, np.float64)
+        return float(np.abs(got - expected).max()) / max(float(np.abs(expected).max()), 1e-6)
+
+    two_pass = error()
+    assert two_pass <= TOL, two_pass
+    monkeypatch.setattr(clip, "layer_norm", lambda eps, name: nn.LayerNorm(epsilon=eps, dtype=jnp.float32,
+                                                                             use_fast_variance=True, name=name))
+    one_pass = error()
+    assert two_pass <= one_pass, (two_pass, one_pass)
+    if offset:
+        assert one_pass > TOL, one_pass  # what the choice is about
+    assert layers.layer_norm(1e-5, "n").use_fast_variance is False

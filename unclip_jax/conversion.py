@@ -23,6 +23,8 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from unclip_jax.pipelines.depth2img import StableDiffusionDepth2ImgPipeline
+from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline, StableUnCLIPPipeline
 from unclip_jax.weights import folder as disk
 from unclip_jax.weights.checkpoint import pipeline_weight_sets
 from unclip_jax.weights.components import ARCHITECTURES, load_component
@@ -35,9 +37,6 @@ PAUSE_ENV = "UNCLIP_JAX_CONVERT_PAUSE"
 
 
 def pipeline_classes() -> dict:
-    from unclip_jax.pipelines.depth2img import StableDiffusionDepth2ImgPipeline  # noqa: PLC0415
-    from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline, StableUnCLIPPipeline  # noqa: PLC0415
-
     return {c.__name__: c for c in (StableUnCLIPPipeline, StableUnCLIPImg2ImgPipeline,
                                     StableDiffusionDepth2ImgPipeline)}
 

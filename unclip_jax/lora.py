@@ -43,7 +43,7 @@ from flax import traverse_util
 from unclip_jax.weights import tables
 from unclip_jax.weights.checkpoint import StateDict
 from unclip_jax.weights.convert import LAYOUTS, ConversionError, Rules, plan
-from unclip_jax.weights.safetensors_io import read_metadata
+from unclip_jax.weights.safetensors_io import read_metadata, save_file
 
 LORA = "lora"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -414,8 +414,6 @@ def save_lora_weights(save_directory: str, params_or_lora, *, adapter_name: str 
                       weight_name: str | None = None) -> str:
     """Writes one adapter as diffusers writes it (peft keys, PyTorch layouts, the adapter config in the
     safetensors header), so that diffusers' `load_lora_weights` reads it. Returns the file's path."""
-    from unclip_jax.weights.safetensors_io import save_file  # noqa: PLC0415
-
     lora = params_or_lora.get(LORA, params_or_lora)
     adapters = lora.get("adapters", {})
     if adapter_name is None:

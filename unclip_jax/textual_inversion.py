@@ -20,33 +20,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from unclip_jax.tokenizer import add_tokens, maybe_convert_prompt
-from unclip_jax.weights.checkpoint import StateDict
+from unclip_jax.weights.checkpoint import StateDict, read_pickle
 from unclip_jax.weights.errors import CheckpointError
 
 TEXT_INVERSION_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
 _TABLE = ("text_model", "embeddings", "token_embedding", "embedding")
 
 __all__ = ["TextualInversionLoaderMixin", "maybe_convert_prompt", "read_embeddings", "add_embeddings"]
-
-
-def _load_pickle(path: str) -> dict:
-    """A (possibly nested, A1111) PyTorch pickle -> the same structure with numpy arrays."""
-    try:
-        import torch  # noqa: PLC0415  (optional: only pickle embeddings need it)
-    except ImportError as e:
-        raise CheckpointError(f"{path}: a PyTorch pickle embedding needs torch; install the extra "
-                              "`unclip-jax[torch]` or convert it to safetensors") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (torch raises many kinds for a bad pickle)
-        raise CheckpointError(f"{path}: cannot load as a weights-only PyTorch pickle ({e})") from e
-
-    def to_numpy(x):
-        if isinstance(x, torch.Tensor):
-            return x.detach().float().numpy()
-        return {k: to_numpy(v) for k, v in x.items()} if isinstance(x, Mapping) else x
-
-    return to_numpy(obj)
 
 
 def _read_file(path: str, weight_name: str | None) -> dict:
@@ -58,7 +38,7 @@ def _read_file(path: str, weight_name: str | None) -> dict:
         path = found[0]
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such textual inversion file")
-    return dict(StateDict([path])) if path.endswith(".safetensors") else _load_pickle(path)
+    return dict(StateDict([path])) if path.endswith(".safetensors") else read_pickle(path, "embedding")
 
 
 def _token_and_embedding(source, token: str | None) -> tuple[str, np.ndarray]:

@@ -16,10 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unclip_jax.models.clip import ACTIVATIONS as _CLIP_ACTIVATIONS
 from unclip_jax.models.config import UnsupportedConfigError, config_from_dict
-
-ACTIVATIONS = {**_CLIP_ACTIVATIONS, "relu": jax.nn.relu}
+from unclip_jax.models.layers import ACTIVATIONS
 
 
 def make_div(value: float, divisor: int = 8) -> int:

@@ -18,16 +18,7 @@ import jax.numpy as jnp
 
 from unclip_jax.models.attention import attention, merge_heads, split_heads
 from unclip_jax.models.config import config_from_dict
-
-ACTIVATIONS = {
-    # OpenAI CLIP: x * sigmoid(1.702 x).
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    # OpenCLIP (SD 2.x text encoder, ViT-H): the exact erf form.
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-}
-
+from unclip_jax.models.layers import ACTIVATIONS, layer_norm
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
@@ -94,11 +85,6 @@ class CLIPOutput:
     hidden_states: tuple[jax.Array, ...] | None = None
 
 
-def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
-    # float32 statistics whatever the compute dtype.
-    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, name=name)
-
-
 class CLIPAttention(nn.Module):
     hidden_size: int
     num_heads: int
@@ -126,9 +112,9 @@ class CLIPEncoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask=None, is_causal=False):
-        h = _layer_norm(self.eps, "layer_norm1")(x).astype(self.dtype)
+        h = layer_norm(self.eps, "layer_norm1")(x).astype(self.dtype)
         x = x + CLIPAttention(self.hidden_size, self.num_heads, self.dtype, name="self_attn")(h, mask, is_causal)
-        h = _layer_norm(self.eps, "layer_norm2")(x).astype(self.dtype)
+        h = layer_norm(self.eps, "layer_norm2")(x).astype(self.dtype)
         return x + CLIPMLP(self.hidden_size, self.intermediate_size, self.hidden_act, self.dtype, name="mlp")(h)
 
 
@@ -193,7 +179,7 @@ class CLIPTextTransformer(nn.Module):
         if not 0 <= layers <= c.num_hidden_layers:
             raise ValueError(f"clip_skip={clip_skip} is outside [0, {c.num_hidden_layers}] for this text encoder")
         x, states = _encoder(c, self.dtype)(x, mask, True, num_layers=layers)
-        last = _layer_norm(c.layer_norm_eps, "final_layer_norm")(x)
+        last = layer_norm(c.layer_norm_eps, "final_layer_norm")(x)
         if c.eos_token_id == 2:
             # Old configs: the EOS token has the largest id in the vocabulary.
             eos = jnp.argmax(input_ids, axis=-1)
@@ -270,9 +256,9 @@ class CLIPVisionTransformer(nn.Module):
         c = self.config
         x = _VisionEmbeddings(c, self.dtype, name="embeddings")(pixel_values)
         # The misspelling is transformers' parameter name.
-        x = _layer_norm(c.layer_norm_eps, "pre_layrnorm")(x).astype(self.dtype)
+        x = layer_norm(c.layer_norm_eps, "pre_layrnorm")(x).astype(self.dtype)
         x, states = _encoder(c, self.dtype)(x)
-        pooled = _layer_norm(c.layer_norm_eps, "post_layernorm")(x[:, 0])
+        pooled = layer_norm(c.layer_norm_eps, "post_layernorm")(x[:, 0])
         return CLIPOutput(x, pooled, None, states if output_hidden_states else None)
 
 

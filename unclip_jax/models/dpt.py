@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from unclip_jax.models.attention import attention, merge_heads, split_heads
-from unclip_jax.models.bit import ACTIVATIONS, BitBackbone, BitConfig
+from unclip_jax.models.bit import BitBackbone, BitConfig
 from unclip_jax.models.config import UnsupportedConfigError, config_from_dict, config_to_dict
+from unclip_jax.models.layers import ACTIVATIONS, layer_norm
 from unclip_jax.models.resize import resize_bilinear
 
 # What transformers' DPTConfig builds for a hybrid model whose config.json has no backbone_config.
@@ -164,10 +165,6 @@ class DPTDepthOutput:
 # ViT
 
 
-def _layer_norm(eps: float, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, use_fast_variance=False, name=name)
-
-
 class _DenseIn(nn.Module):
     """A module holding one Dense called `dense` (transformers' ViTSelfOutput / ViTIntermediate / ViTOutput)."""
 
@@ -212,9 +209,9 @@ class DPTViTLayer(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        h = _layer_norm(c.layer_norm_eps, "layernorm_before")(x).astype(self.dtype)
+        h = layer_norm(c.layer_norm_eps, "layernorm_before")(x).astype(self.dtype)
         x = x + _ViTAttention(c, self.dtype, name="attention")(h)
-        h = _layer_norm(c.layer_norm_eps, "layernorm_after")(x).astype(self.dtype)
+        h = layer_norm(c.layer_norm_eps, "layernorm_after")(x).astype(self.dtype)
         h = ACTIVATIONS[c.hidden_act](_DenseIn(c.intermediate_size, self.dtype, name="intermediate")(h))
         return x + _DenseIn(c.hidden_size, self.dtype, name="output")(h)
 

@@ -44,11 +44,16 @@ def timestep_embedding(
     return emb
 
 
-# diffusers' `get_activation` names; "gelu" is the exact erf form there.
+# Every activation a config may name, by diffusers' `get_activation` and transformers' ACT2FN names.
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
+    # The exact erf form in both libraries (OpenCLIP: SD 2.x text encoder, ViT-H; DPT).
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    # OpenAI CLIP: x * sigmoid(1.702 x).
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "relu": jax.nn.relu,
     "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
 }

@@ -1,7 +1,8 @@
 """Finding and reading a component's PyTorch weights in a diffusers / transformers folder.
 
 safetensors first (single file or a sharded `*.safetensors.index.json`); a pickle `.bin` is read only
-when no safetensors exist, only through torch's weights-only loader, and only if torch is installed.
+when no safetensors exist, only through torch's weights-only loader, and only if torch is installed
+(`read_pickle`, which textual inversion's pickles use too).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import itertools
 import json
 import os
 import re
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -149,17 +151,20 @@ def _shards(index_path: str) -> list[str]:
 
 
 class StateDict(Mapping):
-    """name -> numpy array over several weight files, read lazily (memory-mapped safetensors)."""
+    """name -> numpy array over several weight files, each tensor read on access; `shapes` (name ->
+    shape) is known without reading any data."""
 
     def __init__(self, files: list[str]):
         self.files = files
         self._where: dict[str, Mapping] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         for path in files:
-            part = SafetensorsFile(path) if path.endswith(".safetensors") else _load_bin(path)
+            part = SafetensorsFile(path) if path.endswith(".safetensors") else _flat_pickle(path)
             for name in part:
                 if name in self._where:
                     raise CheckpointError(f"{path}: tensor {name!r} is also in another shard")
                 self._where[name] = part
+                self.shapes[name] = part.shapes[name] if isinstance(part, SafetensorsFile) else part[name].shape
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._where[name][name]
@@ -176,23 +181,41 @@ def load_state_dict(folder: str, variant: str | None = None) -> StateDict:
     return StateDict(find_weight_files(folder, variant))
 
 
-def _load_bin(path: str) -> dict[str, np.ndarray]:
+def read_pickle(path: str, what: str = "checkpoint"):
+    """A PyTorch pickle (`torch.save`) read with torch's weights-only loader: the same structure (nested
+    dicts and lists as saved) with every tensor as a numpy array (bf16 widened to float32, which numpy
+    lacks). Needs the optional torch extra; `what` names the file's kind in the errors."""
     try:
-        import torch  # noqa: PLC0415  (optional: only pickle checkpoints need it)
+        import torch  # noqa: PLC0415  (optional: only pickle files need it)
     except ImportError as e:
-        raise CheckpointError(
-            f"{path}: a PyTorch pickle checkpoint needs torch; install the extra `unclip-jax[torch]` "
-            "or convert it to safetensors"
-        ) from e
+        raise CheckpointError(f"{path}: a PyTorch pickle {what} needs torch; install the extra "
+                              "`unclip-jax[torch]` or convert it to safetensors") from e
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # Memory-mapped where the file is a zip archive (torch.save's format since 1.6); older pickles cannot be.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001  (torch raises many kinds for a bad pickle)
-        raise CheckpointError(f"{path}: cannot load as a weights-only PyTorch checkpoint ({e})") from e
-    out = {}
-    for name, t in sd.items():
-        t = t.detach()
-        out[name] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-    return out
+        raise CheckpointError(f"{path}: cannot load as a weights-only PyTorch {what} ({e})") from e
+
+    def to_numpy(x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach()
+            return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+        if isinstance(x, Mapping):
+            return {k: to_numpy(v) for k, v in x.items()}
+        return [to_numpy(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+    return to_numpy(obj)
+
+
+def _flat_pickle(path: str) -> dict[str, np.ndarray]:
+    """A pickled state dict: a flat mapping name -> tensor, or a CheckpointError naming what is not."""
+    sd = read_pickle(path)
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{path}: not a state dict (a {type(sd).__name__})")
+    for name, value in sd.items():
+        if not isinstance(value, np.ndarray):
+            raise CheckpointError(f"{path}: entry {name!r} is not a tensor (a {type(value).__name__})")
+    return dict(sd)
 
 
 def read_config(folder: str, name: str = "config.json") -> dict:

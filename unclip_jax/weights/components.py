@@ -18,7 +18,6 @@ from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from unclip_jax.models import clip, dpt, prior, unet, vae
 from unclip_jax.weights import tables
@@ -168,8 +167,5 @@ def load_component(
     built = build(config, dtype, architecture, folder)
     abstract = abstract_params(built.module, *built.dummy_inputs)
     params = convert(state, abstract, built.rules, what=folder, dtype=param_dtype or jnp.float32)
-    # A param whose layout and dtype needed no change is still a view of the memory-mapped file, and
-    # would keep every page of it that was read resident: copied, the whole file is released.
-    params = jax.tree.map(lambda x: x if x.flags.owndata else np.array(x), params)
     where = placements(sharding, name, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
     return built.module, params if where is None else jax.device_put(params, where)

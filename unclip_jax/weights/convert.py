@@ -157,11 +157,14 @@ def convert(
 ):
     """Converts a (lazy) state dict of numpy arrays into a nested param dict of numpy arrays.
 
-    Each tensor is read, transposed and cast one at a time, so a memory-mapped checkpoint is never
-    held twice in memory. `dtype` (default: each param's abstract dtype) is the param dtype.
+    Each tensor is read, transposed and cast one at a time, so the checkpoint is never held twice in
+    memory. `dtype` (default: each param's abstract dtype) is the param dtype. A lazy state dict
+    (`checkpoint.StateDict`) gives its `shapes` without reading data: the plan reads none.
     """
-    # Values of a memory-mapped state dict are views: reading shapes copies nothing.
-    steps = plan({k: tuple(v.shape) for k, v in state_dict.items()}, abstract_params, rules, what)
+    shapes = getattr(state_dict, "shapes", None)
+    if shapes is None:
+        shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    steps = plan(shapes, abstract_params, rules, what)
     target = traverse_util.flatten_dict(_unfreeze(abstract_params))
     flat = {}
     for step in steps:

@@ -13,6 +13,9 @@ import os
 import re
 from collections.abc import Iterable
 
+import huggingface_hub
+from huggingface_hub import constants, errors
+
 from unclip_jax.weights.checkpoint import is_aux_file, pipeline_weight_sets
 from unclip_jax.weights.errors import CheckpointError
 
@@ -73,9 +76,6 @@ def resolve(path_or_repo_id: str, components: tuple[str, ...], *, variant: str |
     if looks_like_path(path_or_repo_id):
         what = "not a pipeline folder" if os.path.lexists(path_or_repo_id) else "no such pipeline folder"
         raise CheckpointError(f"{path_or_repo_id}: {what} (a local path: not looked up on the hub)")
-    import huggingface_hub  # noqa: PLC0415
-    from huggingface_hub import constants, errors  # noqa: PLC0415
-
     repo, at = path_or_repo_id, f" at revision {revision!r}" if revision else ""
     allow = None
     if not (local_files_only or constants.is_offline_mode()):

@@ -1,174 +1,115 @@
-"""Reading PyTorch checkpoints as numpy, without torch.
+"""safetensors files as numpy, through the safetensors library's numpy API (no torch).
 
-safetensors files are parsed here directly (8-byte header length, JSON header, raw little-endian
-data) so that bf16 tensors load through `ml_dtypes`, shapes can be read without touching the data
-(for abstract coverage checks), and a truncated or corrupt file is reported with its path before any
-tensor is used. Data is memory-mapped: a tensor is copied out only when it is converted.
+Opening a file reads and validates its header (every tensor inside the file, the file fully
+covered); shapes and dtypes are known from then on without reading data, and each tensor is read on
+access. bf16 arrive as `ml_dtypes.bfloat16`. A file the library refuses is reported with its path and,
+where the header says so, what is wrong (truncated, at which tensor; corrupt header).
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from unclip_jax.weights.errors import CheckpointError
 
 __all__ = ["CheckpointError", "SafetensorsFile", "TensorInfo", "read_header", "read_metadata", "save_file"]
 
-_DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-_NAMES = {v: k for k, v in _DTYPES.items()}
-# A header larger than this is not a safetensors header but garbage (the format caps it at 100 MB).
-_MAX_HEADER = 100 * 1024 * 1024
-
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lies in a safetensors file, and what it is."""
+    """What one tensor of a safetensors file is (from the header; no data read)."""
 
-    path: str
-    dtype: np.dtype
+    dtype: str  # the format's name: "F32", "BF16", ...
     shape: tuple[int, ...]
-    start: int
-    end: int
 
 
-def _raw_header(path: str) -> tuple[dict, int, int]:
-    """(the header's JSON object, the header length, the file size), or a CheckpointError naming `path`."""
+def _open(path: str):
+    """The library's handle on `path` (header validated), or a CheckpointError naming the file."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: truncated or corrupt safetensors file (header of {n} bytes in a file of {size})"
-                )
-            raw = f.read(n)
+        return safetensors.safe_open(path, framework="np")
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: missing") from e
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from e
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
+    except Exception as e:  # noqa: BLE001  (SafetensorError, and Rust panics surfacing as other kinds)
+        raise CheckpointError(_diagnose(path, e)) from e
+
+
+def _diagnose(path: str, error: Exception) -> str:
+    """Why the library refused `path`, said in terms of the file: the format is an 8-byte little-endian
+    header length, a JSON header of tensor entries with data offsets, then the data."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{path}: truncated safetensors file ({size} bytes, no header)"
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            return f"{path}: truncated or corrupt safetensors file (header of {n} bytes in a file of {size})"
+        raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    return header, n, size
+        ends = {k: 8 + n + int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        return f"{path}: corrupt safetensors header ({e})"
+    past = [k for k in sorted(ends, key=ends.get) if ends[k] > size]
+    if past:
+        return f"{path}: truncated safetensors file: tensor {past[0]!r} ends at byte {ends[past[0]]}, file has {size}"
+    return f"{path}: not a valid safetensors file ({error})"
+
+
+def read_header(path: str) -> dict[str, TensorInfo]:
+    """name -> TensorInfo for every tensor of `path`; a CheckpointError naming `path` when the file is
+    truncated, not safetensors, or inconsistent."""
+    with _open(path) as f:
+        return {name: TensorInfo(f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape()))
+                for name in f.keys()}
 
 
 def read_metadata(path: str) -> dict[str, str]:
     """The header's `__metadata__` (string to string; empty when absent), without reading tensor data."""
-    return dict(_raw_header(path)[0].get("__metadata__") or {})
-
-
-def read_header(path: str) -> dict[str, TensorInfo]:
-    """Parses a safetensors header and checks that every tensor lies inside the file.
-
-    Raises CheckpointError naming `path` when the file is truncated, not safetensors, or inconsistent.
-    """
-    header, n, size = _raw_header(path)
-    base = 8 + n
-    infos: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            start, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r} ({e!r})") from e
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if end - start != nbytes or start < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} has {end - start} bytes for shape {shape} {entry['dtype']}")
-        if base + end > size:
-            raise CheckpointError(
-                f"{path}: truncated safetensors file: tensor {name!r} ends at byte {base + end}, file has {size}"
-            )
-        infos[name] = TensorInfo(path, dtype, shape, base + start, base + end)
-    return infos
+    with _open(path) as f:
+        return dict(f.metadata() or {})
 
 
 class SafetensorsFile(Mapping):
-    """A read-only mapping name -> numpy array over one memory-mapped safetensors file."""
+    """A read-only mapping name -> numpy array over one safetensors file; `shapes` without reading data."""
 
     def __init__(self, path: str):
         self.path = path
-        self.infos = read_header(path)
-        self._mmap = None
-
-    def _buffer(self):
-        if self._mmap is None:
-            with open(self.path, "rb") as f:
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.infos else b""
-        return self._mmap
+        self._file = _open(path)
+        self.shapes = {name: tuple(self._file.get_slice(name).get_shape()) for name in self._file.keys()}
 
     def __getitem__(self, name: str) -> np.ndarray:
-        info = self.infos[name]
-        arr = np.frombuffer(self._buffer(), dtype=info.dtype, count=int(np.prod(info.shape, dtype=np.int64)),
-                            offset=info.start)
-        return arr.reshape(info.shape)
+        if name not in self.shapes:
+            raise KeyError(name)
+        return self._file.get_tensor(name)
 
     def __iter__(self):
-        return iter(self.infos)
+        return iter(self.shapes)
 
     def __len__(self):
-        return len(self.infos)
+        return len(self.shapes)
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str] | None = None) -> None:
     """Writes numpy arrays (bf16 included) as a safetensors file, atomically (temporary file, then rename)."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    arrays = []
-    for name in sorted(tensors):
-        arr = np.ascontiguousarray(np.asarray(tensors[name]))
-        if arr.dtype not in _NAMES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {arr.dtype}")
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-        arrays.append(arr)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for arr in arrays:
-                f.write(arr.tobytes())
+        arrays = {name: np.ascontiguousarray(np.asarray(x)) for name, x in tensors.items()}
+        try:
+            safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata) if metadata else None)
+        except Exception as e:  # noqa: BLE001  (an unsupported dtype, a non-string metadata value)
+            raise CheckpointError(f"{path}: cannot write ({e})") from e
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def shapes_of(files: Iterable[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """name -> (shape, dtype) for every tensor in the given safetensors files, reading headers only."""
-    out = {}
-    for path in files:
-        for name, info in read_header(path).items():
-            out[name] = (info.shape, info.dtype)
-    return out
