@@ -15,7 +15,9 @@ pipelines would not fit in memory together they run one after the other (said in
 from `--configs` (default: benchmarks/configs beside this file). It runs against whichever unclip_jax is
 importable (a checkout on PYTHONPATH, or an installed wheel).
 
-PyTorch, diffusers and transformers are imported only by the diffusers worker (`--jax-only` needs none).
+PyTorch, diffusers and transformers are imported only by the diffusers worker (`--jax-only` needs none),
+and jax only by the JAX worker: each side's imports sit inside its functions, so that neither the parent
+nor the other side starts a framework (threads, memory) that would skew the measurement.
 """
 
 from __future__ import annotations

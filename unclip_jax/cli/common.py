@@ -65,8 +65,9 @@ def check_out(out: str) -> None:
 def check_model_folder(args) -> None:
     """A local --model (and --prior) folder: the right pipeline class, and a --noise-level its image noising
     schedule has (read from the scheduler's JSON config; no weights are read)."""
-    from unclip_jax.pipelines.loading import read_model_index  # noqa: PLC0415  (import time)
+    from unclip_jax.pipelines import checks  # noqa: PLC0415  (import time)
     from unclip_jax.weights.checkpoint import read_config  # noqa: PLC0415
+    from unclip_jax.weights.folder import read_model_index  # noqa: PLC0415
 
     if getattr(args, "prior", None) is not None and os.path.isdir(args.prior):
         prior_layout(args.prior)
@@ -76,10 +77,8 @@ def check_model_folder(args) -> None:
     check_pipeline_class(args.model, index.get("_class_name"), args)
     if getattr(args, "noise_level", None) is not None and "image_noising_scheduler" in index:
         config = read_config(os.path.join(args.model, "image_noising_scheduler"), "scheduler_config.json")
-        n_train = int(config.get("num_train_timesteps", 1000))
-        if args.noise_level >= n_train:
-            raise UsageError(f"--noise-level must be in [0, {n_train - 1}] (the image noising schedule of "
-                             f"{args.model}); got {args.noise_level}")
+        # diffusers' DDPMScheduler default when the config leaves it out
+        checks.check_noise_level(args.noise_level, int(config.get("num_train_timesteps", 1000)), "--noise-level")
 
 
 def check_pipeline_class(folder: str, found: str | None, args) -> None:
@@ -92,7 +91,7 @@ def check_pipeline_class(folder: str, found: str | None, args) -> None:
     other = next(c for c, p in PIPELINES.items() if p == found)
     hint = f"use `{PROG} {other}`"
     if args.command == "txt2img" and found == PIPELINES["variation"]:
-        from unclip_jax.pipelines.stable_unclip import KARLO  # noqa: PLC0415  (import time)
+        from unclip_jax.weights.folder import KARLO  # noqa: PLC0415  (import time)
 
         hint = f"add --prior {KARLO} for text-to-image with its decoder, or {hint}"
     raise UsageError(f"{folder} is a {found} checkpoint; `{args.command}` needs a {want} ({hint})")
@@ -100,8 +99,8 @@ def check_pipeline_class(folder: str, found: str | None, args) -> None:
 
 def prior_layout(folder: str) -> dict[str, str]:
     """StableUnCLIPPipeline's prior components -> their names in the --prior folder."""
-    from unclip_jax.pipelines.stable_unclip import prior_layout as layout  # noqa: PLC0415  (import time)
-    from unclip_jax.weights.safetensors_io import CheckpointError  # noqa: PLC0415
+    from unclip_jax.weights.errors import CheckpointError  # noqa: PLC0415  (import time)
+    from unclip_jax.weights.folder import prior_layout as layout  # noqa: PLC0415
 
     try:
         return layout(folder)
@@ -144,10 +143,10 @@ def load(args, progress: bool):
     import jax.numpy as jnp  # noqa: PLC0415  (import time)
 
     import unclip_jax  # noqa: PLC0415
-    from unclip_jax.pipelines.hub import resolve  # noqa: PLC0415
-    from unclip_jax.pipelines.loading import read_model_index  # noqa: PLC0415
     from unclip_jax.schedulers import scheduler_from_config  # noqa: PLC0415
     from unclip_jax.weights.checkpoint import read_config  # noqa: PLC0415
+    from unclip_jax.weights.folder import read_model_index  # noqa: PLC0415
+    from unclip_jax.weights.hub import resolve  # noqa: PLC0415
 
     cls = getattr(unclip_jax, PIPELINES[args.command])
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
@@ -180,7 +179,7 @@ def call_arguments(args, params, progress: bool) -> dict:
 
 # Arguments that are not generation parameters (or are recorded otherwise: --size as height and width).
 _NOT_RECORDED = {"out", "progress", "images", "scheduler_class", "save_depth", "size", "local_files_only",
-                 "compile_cache"}
+                 "compile_cache", "max_pixels"}
 
 
 def settings(args, pipe) -> dict:

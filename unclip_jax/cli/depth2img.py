@@ -7,6 +7,7 @@ import time
 
 from unclip_jax.cli import common
 from unclip_jax.cli.parsing import PROG, UsageError, add_size, check_generation_arguments, generation_parser
+from unclip_jax.pipelines import checks
 
 EXAMPLES = f"""examples:
   {PROG} depth2img "a marble statue" --image room.png --model stabilityai/stable-diffusion-2-depth
@@ -27,6 +28,9 @@ def add_parser(sub) -> None:
     d.add_argument("--depth-map", default=None, metavar="PATH",
                    help="a depth image to use instead of the estimate (grayscale, near = bright; color is "
                         "read as luminance; any scale)")
+    d.add_argument("--max-pixels", type=int, default=checks.MAX_PIXELS, metavar="N",
+                   help=f"refuse input images of more pixels than this (default {checks.MAX_PIXELS:,}; depth "
+                        "estimation and the VAE run at the input's size); 0: no limit")
     d.add_argument("--save-depth", action="store_true",
                    help="also write the depth map used, as a 16-bit PNG at the input image's size")
     add_size(d, "resize the input image to this size first, a multiple of 8 (default: as it is, cut down to a "
@@ -35,11 +39,13 @@ def add_parser(sub) -> None:
 
 def check(args) -> None:
     check_generation_arguments(args)
-    if not 0 < args.strength <= 1:
-        raise UsageError(f"--strength must be in (0, 1]; got {args.strength}")
     if (args.height is None) != (args.width is None):
         raise UsageError("give both --height and --width (or --size) to resize the input image")
+    if args.max_pixels:
+        checks.check_max_pixels(args.max_pixels, "--max-pixels")
     args.images = {"image": common.read_image(args.image, "--image")}
+    width, height = args.images["image"].size if args.height is None else (args.width, args.height)
+    checks.check_pixels(height, width, args.max_pixels or None, f"--image {args.image}", "--max-pixels 0")
     if args.depth_map is not None:
         depth = common.read_image(args.depth_map, "--depth-map")
         args.images["depth_map"] = depth if depth.mode in ("L", "I", "I;16", "F") else depth.convert("L")

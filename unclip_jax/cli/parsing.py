@@ -1,14 +1,16 @@
 """Argument parsing for every `unclip-jax` command: the one-line parser, the argument groups the
 generating commands share, and the checks that need nothing but the arguments.
 
-Imports nothing heavier than the standard library, so `--help` and a refused argument stay fast.
+Imports nothing heavier than the standard library and the pipelines' model-free checks (numpy), so
+`--help` and a refused argument stay fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import textwrap
+
+from unclip_jax.pipelines import checks
 
 PROG = "unclip-jax"
 
@@ -33,7 +35,6 @@ SCHEDULER_NAMES = {
 }
 
 DTYPES = ("fp32", "bf16")
-VAE_FACTOR = 8  # the real checkpoints' VAE downsampling; sizes must be multiples of it
 
 
 class UsageError(Exception):
@@ -123,26 +124,26 @@ def _flag(name: str) -> str:
 
 
 def check_generation_arguments(args) -> None:
-    """The shared generation arguments' own limits; sets args.height/width from --size and
-    args.scheduler_class."""
+    """The shared generation arguments' limits, by the pipelines' own checks (`unclip_jax.pipelines.checks`,
+    so the CLI and the API refuse the same values); sets args.height/width from --size and
+    args.scheduler_class. The checks raise ValueError naming the flag."""
     for name in ("steps", "count", "prior_steps"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise UsageError(f"{_flag(name)} must be at least 1; got {value}")
-    for name in ("guidance", "prior_guidance", "eta", "strength"):
-        value = getattr(args, name, None)
-        if value is not None and not math.isfinite(value):
-            raise UsageError(f"{_flag(name)} must be a finite number; got {value}")
-    if args.eta < 0:
-        raise UsageError(f"--eta must be >= 0; got {args.eta}")
-    if getattr(args, "noise_level", None) is not None and args.noise_level < 0:
-        raise UsageError(f"--noise-level must be >= 0; got {args.noise_level}")
+        if getattr(args, name, None) is not None:
+            checks.check_count(getattr(args, name), _flag(name))
+    for name in ("guidance", "prior_guidance"):
+        if getattr(args, name, None) is not None:
+            checks.check_guidance(getattr(args, name), _flag(name))
+    checks.check_eta(args.eta, "--eta")
+    if getattr(args, "noise_level", None) is not None:
+        checks.check_noise_level(args.noise_level, None, "--noise-level")  # the schedule's end: cli.common
+    if getattr(args, "strength", None) is not None:
+        checks.check_strength(args.strength, "--strength")
     if args.size is not None and (args.height is not None or args.width is not None):
         raise UsageError("give --size, or --height and --width, not both")
     if args.size is not None:
+        checks.check_side(args.size, "--size")
         args.height = args.width = args.size
-    for name in ("size", "height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % VAE_FACTOR):
-            raise UsageError(f"{_flag(name)} must be a positive multiple of {VAE_FACTOR}; got {value}")
+    for name in ("height", "width"):
+        if getattr(args, name) is not None:
+            checks.check_side(getattr(args, name), _flag(name))
     args.scheduler_class = None if args.scheduler is None else scheduler_class(args.scheduler)
