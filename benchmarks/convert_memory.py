@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "tests" / "fixtures" / "configs" / "unet_sd21_unclip.json"
+CONFIG = ROOT / "benchmarks" / "configs" / "unet_sd21_unclip.json"
 
 CHILD = """
 import json, os, resource, sys, time

@@ -3,12 +3,12 @@
     python convert/convert_checkpoint.py SOURCE OUT [--dtype fp32|bf16|fp16] [--variant fp16] [--revision R]
                                          [--local-files-only] [--cache-dir DIR] [--overwrite] [--quiet]
 
-The same command as `unclip-jax convert` and `python -m unclip_jax.conversion` (see convert/README.md).
+The same command as `unclip-jax convert` (unclip_jax/cli/convert.py; see convert/README.md).
 """
 
 import sys
 
-from unclip_jax.conversion import main
+from unclip_jax.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["convert", *sys.argv[1:]]))

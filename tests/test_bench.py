@@ -1,5 +1,6 @@
-"""The side-by-side benchmark (`unclip-jax bench`) in its tiny mode, and the CPU attention path it
-made the default: cache-sized query blocks give jax.nn.dot_product_attention's numbers."""
+"""The side-by-side benchmark (benchmarks/bench.py, outside the package) in its tiny mode and its one-line
+refusals, and the CPU attention path it made the default: cache-sized query blocks give
+jax.nn.dot_product_attention's numbers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,12 +18,14 @@ from torch_ref import assert_close
 
 from unclip_jax.models import attention as attention_module
 
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
 
 def test_tiny_benchmark_prints_ratios(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "unclip_jax.bench", "--tiny", "--reps", "1", "--pipeline-reps", "2",
+        [sys.executable, str(BENCH), "--tiny", "--reps", "1", "--pipeline-reps", "2",
          "--json", str(out)],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -40,11 +44,23 @@ def test_tiny_benchmark_prints_ratios(tmp_path):
     assert results["versions"]["backend"] == "cpu" and "diffusers" in results["versions"]
 
 
-def test_bad_arguments_are_refused():
-    proc = subprocess.run([sys.executable, "-m", "unclip_jax.bench", "--what", "vae"], capture_output=True,
+# Runs the script with `hidden` modules made unimportable (as on a machine without them).
+_HIDING = ("import runpy, sys\nfor name in filter(None, sys.argv[2].split(',')):\n    sys.modules[name] = None\n"
+           "sys.argv = [sys.argv[1], *sys.argv[3:]]\nrunpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+@pytest.mark.parametrize("args,hidden,message", [
+    (("--what", "vae"), "", "--what: unknown"),
+    (("--tiny",), "diffusers", "the diffusers side needs diffusers, not installed here"),
+    (("--configs", "/nonexistent"), "", "--configs /nonexistent: unet_sd21_unclip.json not found"),
+    (("--tiny", "--size", "33"), "", "--size must be a positive multiple of 4"),
+])
+def test_bad_arguments_are_refused(args, hidden, message):
+    proc = subprocess.run([sys.executable, "-c", _HIDING, str(BENCH), hidden, *args], capture_output=True,
                           text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
-    assert proc.returncode == 2 and "unknown" in proc.stderr
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("unclip-jax bench: error: "), proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("python benchmarks/bench.py: error: "), proc.stderr
 
 
 def _qkv(b, t, s, n, h, seed, dtype=np.float32):

@@ -25,7 +25,9 @@ from unclip_jax.schedulers import SCHEDULERS
 from unclip_jax.tiny import write_tiny
 
 # Fewer XLA optimisations: compilation is most of a tiny run's time, and these tests are about the command.
-_ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+# No persistent compilation cache (it would go to the user's ~/.cache) except where a test gives one.
+_ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+            UNCLIP_JAX_CACHE_DIR="")
 
 
 def _command(*args) -> list[str]:
@@ -93,8 +95,10 @@ def runs(root) -> dict[str, subprocess.CompletedProcess]:
                           "--steps", 2, "--depth-map", root / "depth_rgb.png", "--save-depth", "--scheduler",
                           "DDIMScheduler", "--dtype", "bf16", "--out", root / "out_depth_map"),
     }
+    # txt2img writes its compiled programs into a cache folder of its own.
+    envs = {"txt2img": dict(_ENV, UNCLIP_JAX_CACHE_DIR=str(root / "jax-cache"))}
     procs = {name: subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env=_ENV) for name, args in commands.items()}
+                                    env=envs.get(name, _ENV)) for name, args in commands.items()}
     out = {}
     for name, p in procs.items():
         stdout, stderr = p.communicate(timeout=600)
@@ -116,7 +120,8 @@ def _meta(path: str) -> dict:
 def test_txt2img(root, runs):
     paths = _finished(runs, "txt2img")
     out = root / "out_txt2img"
-    assert paths == [str(out / "00008-txt2img-3.png"), str(out / "00009-txt2img-3.png")]
+    # number (on from the 00007 there), command, seed, index in the run
+    assert paths == [str(out / "00008-txt2img-3-0.png"), str(out / "00009-txt2img-3-1.png")]
     images = [PIL.Image.open(p) for p in paths]
     assert all(im.size == (32, 32) and im.mode == "RGB" for im in images)
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))  # two latents, two images
@@ -125,7 +130,9 @@ def test_txt2img(root, runs):
     assert (meta["steps"], meta["prior_steps"], meta["noise_level"], meta["seed"], meta["count"]) == (2, 2, 5, 3, 2)
     assert meta["scheduler"] == "EulerAncestralDiscreteScheduler" and meta["index"] == 1
     assert meta["model"] == str(root / "unclip") and meta["command"] == "txt2img"
+    assert (meta["height"], meta["width"]) == (32, 32)  # defaulted (the model's size), recorded as made
     assert images[0].text["Software"].startswith("unclip-jax ")
+    assert len(os.listdir(root / "jax-cache")) >= 2  # at least the prior's and the decoder's loops
 
 
 def test_txt2img_with_a_karlo_prior(root, runs):
@@ -147,12 +154,15 @@ def test_variation_with_progress_bars(root, runs):
 
 def test_depth2img_estimates_depth(root, runs):
     path, depth_path = _finished(runs, "depth2img")
-    assert path.endswith("-depth2img-0.png") and depth_path.endswith("-depth2img-0-depth.png")
+    assert path.endswith("-depth2img-0-0.png") and depth_path.endswith("-depth2img-0-depth.png")
     assert PIL.Image.open(path).size == (40, 32)  # the input, resized to --width x --height
     depth = PIL.Image.open(depth_path)
-    assert depth.mode.startswith("I") and depth.size == (32, 32)  # the tiny DPT's output grid
+    # At the input's size (the tiny DPT's grid is 32 x 32), not stretched, and with its parameters.
+    assert depth.mode.startswith("I") and depth.size == (40, 32)
     d = np.asarray(depth)
     assert d.min() == 0 and d.max() == 65535  # normalised to the full 16-bit range
+    depth_meta = _meta(depth_path)
+    assert depth_meta["image_kind"] == "depth" and (depth_meta["height"], depth_meta["width"]) == (32, 40)
     meta = _meta(path)
     assert meta["strength"] == 0.5 and meta["height"] == 32 and meta["width"] == 40 and meta["depth_map"] is None
     assert meta["scheduler"] == "PNDMScheduler"
@@ -161,6 +171,7 @@ def test_depth2img_estimates_depth(root, runs):
 def test_depth2img_given_depth_map(root, runs):
     path, depth_path = _finished(runs, "depth2img_map")
     assert PIL.Image.open(path).size == (48, 40)
+    assert (_meta(path)["height"], _meta(path)["width"]) == (40, 48)  # no --size: the input's, recorded
     # The map used is the given one (its luminance, normalised), not an estimate.
     ramp = np.linspace(0, 1, 48)
     np.testing.assert_allclose(np.asarray(PIL.Image.open(depth_path))[0] / 65535, ramp, atol=1 / 255)
@@ -206,9 +217,17 @@ def _mistakes(root: Path) -> list[tuple[tuple, str]]:
          "--strength must be in (0, 1]"),
         (("depth2img", "x", "--image", photo, "--model", root / "depth2img", "--height", "32"),
          "give both --height and --width"),
+        (("depth2img", "x", "--image", photo, "--model", root / "depth2img", "--max-pixels", "1000"),
+         "is 48x40 = 1,920 pixels, past the budget of 1,000 pixels; resize it, or pass --max-pixels 0"),
+        (("depth2img", "x", "--image", photo, "--model", root / "depth2img", "--size", "64", "--max-pixels", "4000"),
+         "is 64x64 = 4,096 pixels"),
         (("depth2img", "x", "--image", photo, "--model", root / "depth2img", "--depth-map", root / "broken.png"),
          "--depth-map"),
-        (("tiny", unclip), "already exists"),
+        (("tiny", unclip, "--kind", "depth2img"), "already exists"),
+        (("tiny", unclip, "--seed", "1"), "already exists"),
+        (("tiny", photo), "already exists"),
+        (("txt2img", "x", "--model", unclip, "--out", photo / "sub"), "cannot be created"),
+        (("txt2img", "x", "--model", unclip, "--noise-level", "1000"), "--noise-level must be in [0, 999]"),
         (("tiny", root / "new", "--kind", "karlo"), "argument --kind: invalid choice: 'karlo'"),
         (("paint", "x"), "argument COMMAND: invalid choice: 'paint'"),
     ]
@@ -222,11 +241,51 @@ def test_mistakes_are_one_line(root, capsys):
         assert len(err) == 1 and err[0].startswith(prefix) and message in err[0], (args, err)
 
 
-def test_mistake_found_by_the_pipeline_is_one_line(root, capsys):
-    """Checked by the loaded pipeline (the noising scheduler's range), still one line."""
-    assert cli.main(["txt2img", "x", "--model", str(root / "unclip"), "--noise-level", "1000"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "unclip-jax txt2img: error: noise_level must be in [0, 999]; got 1000"
+def test_mistakes_in_files_are_found_before_loading(root, capsys):
+    """An --out that cannot be written and a --noise-level past the model's image noising schedule (read from
+    its scheduler config) end before the model is loaded: one line, no `loaded ...` line before it."""
+    for args in (["--noise-level", "1000"], ["--out", str(root / "photo.png" / "sub")]):
+        assert cli.main(["txt2img", "x", "--model", str(root / "unclip"), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "loaded" not in err[0], err
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = root / "locked"
+        locked.mkdir(mode=0o500)
+        assert cli.main(["txt2img", "x", "--model", str(root / "unclip"), "--out", str(locked)]) == 2
+        assert capsys.readouterr().err.strip() == f"unclip-jax txt2img: error: --out {locked}: not writable"
+
+
+def test_checkpoint_mismatch_names_the_tensors(root, tmp_path, capsys):
+    """A component whose PyTorch weights do not fit its model: one line with the first names of each kind
+    and their counts (ConversionError's lists), not only `the checkpoint does not match the model`."""
+    from safetensors.numpy import save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "unclip", broken)
+    shutil.rmtree(broken / "vae")
+    (broken / "vae").mkdir()
+    shutil.copy(root / "unclip" / "vae" / "config.json", broken / "vae")
+    save_file({"encoder.conv_in.weight_renamed": np.zeros((16, 3, 3, 3), np.float32),
+               "decoder.conv_out.bias": np.zeros((5,), np.float32)}, str(broken / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert cli.main(["txt2img", "x", "--model", str(broken), "--steps", "1", "--prior-steps", "1",
+                     "--no-compile-cache"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"unclip-jax txt2img: error: {broken / 'vae'}: the checkpoint does not match the model: "), err
+    assert "unexpected (1): encoder.conv_in.weight_renamed" in err, err
+    assert "missing (" in err and ", ...;" in err and "wrong shape (1): " in err, err
+
+
+def test_tiny_twice_and_no_pytorch_warning(tmp_path):
+    """The README's job runs twice: `tiny` onto the tiny checkpoint it wrote (same kind and seed) leaves it as
+    it is. Without torch installed, transformers' "PyTorch was not found" warning is not printed."""
+    code = ("import sys; sys.modules['torch'] = None\n"  # as in a torch-free install
+            "from unclip_jax.cli import main\n"
+            "sys.exit(main(sys.argv[1:3]) or main(sys.argv[1:3]))")
+    r = subprocess.run([sys.executable, "-c", code, "tiny", str(tmp_path / "t")], capture_output=True, text=True,
+                       timeout=600, env=_ENV)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(tmp_path / "t")] * 2
+    assert "PyTorch was not found" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("which", ["no such pipeline folder", "cannot read it as an image"])
@@ -255,15 +314,34 @@ def test_scheduler_names():
     assert cli.scheduler_class("unipcmultistepscheduler") == "UniPCMultistepScheduler"
 
 
-@pytest.mark.parametrize("command", sorted(cli.DELEGATES))
-def test_delegated_help(command):
-    """`unclip-jax convert|bench --help` shows the delegate's own help."""
-    module = cli.DELEGATES[command][0]
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not written yet")
-    r = _run(command, "--help")
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_command_help(command, capsys):
+    """Each command's own help, without importing jax, flax or transformers (a fast --help)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: unclip-jax {command}")
+
+
+def test_help_and_argument_checks_import_no_framework():
+    code = ("import sys\nfrom unclip_jax import cli\n"
+            "assert cli.main(['txt2img', 'x', '--model', 'm', '--size', '33']) == 2\n"
+            "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('jax', 'flax', 'transformers', 'torch') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_ENV)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(f"usage: unclip-jax {command}"), r.stdout
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+
+
+def test_bench_left_the_command_and_the_package():
+    assert not (Path(cli.__file__).parents[1] / "bench.py").exists()  # benchmarks/bench.py now
+    assert "bench" not in cli.COMMANDS
+
+
+def test_tiny_kinds_and_convert_dtypes_match_the_library():
+    from unclip_jax.conversion import DTYPES
+    from unclip_jax.tiny import KINDS
+
+    assert cli.tiny.KINDS == KINDS and cli.convert.DTYPES == tuple(DTYPES)
 
 
 def test_prior_from_a_karlo_checkpoint_in_python(root, tmp_path):

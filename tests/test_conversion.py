@@ -96,12 +96,12 @@ def _restore_all(folder: str) -> dict:
 
 
 def test_command_dtypes_and_script(converted, tmp_path):
-    """`python -m unclip_jax.conversion` and `convert/convert_checkpoint.py`: the params are saved in the
-    dtype asked for, rounded from the fp32 checkpoint; progress goes to stderr, the folder to stdout."""
+    """`unclip-jax convert` and `convert/convert_checkpoint.py`: the params are saved in the dtype asked for,
+    rounded from the fp32 checkpoint; the folder goes to stdout, and no progress bar into a pipe (a log)."""
     source, fp32 = converted["unclip_img2img"]
-    r = _run("-m", "unclip_jax.conversion", source, str(tmp_path / "bf16"), "--dtype", "bf16")
+    r = _run("-m", "unclip_jax.cli", "convert", source, str(tmp_path / "bf16"), "--dtype", "bf16")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == str(tmp_path / "bf16") and "component" in r.stderr  # tqdm's unit
+    assert r.stdout.strip() == str(tmp_path / "bf16") and "component" not in r.stderr  # tqdm's unit
     r = _run("convert/convert_checkpoint.py", source, str(tmp_path / "fp16"), "--dtype", "fp16", "--quiet")
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
@@ -128,7 +128,7 @@ def test_user_errors_are_one_line(converted, tmp_path, case):
         "already converted": ((out, new), "prior_text_encoder: no weights: expected one of"),
         "bad dtype": ((source, new, "--dtype", "fp8"), "argument --dtype: invalid choice: 'fp8'"),
     }[case]
-    r = _run("-m", "unclip_jax.conversion", *args, "--quiet")
+    r = _run("-m", "unclip_jax.cli", "convert", *args, "--quiet")
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("unclip-jax convert: error: "), r.stderr
     assert message in r.stderr, r.stderr
@@ -138,7 +138,7 @@ def test_user_errors_are_one_line(converted, tmp_path, case):
 def _convert_and_kill(source: str, out: Path, *extra: str) -> None:
     """Starts a conversion that pauses after each component, and SIGKILLs it once the first component
     is written into its temporary folder."""
-    proc = subprocess.Popen([sys.executable, "-m", "unclip_jax.conversion", source, str(out), "--quiet", *extra],
+    proc = subprocess.Popen([sys.executable, "-m", "unclip_jax.cli", "convert", source, str(out), "--quiet", *extra],
                             cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu", **{PAUSE_ENV: "60"}),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

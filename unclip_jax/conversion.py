@@ -1,7 +1,6 @@
 """Converting a diffusers pipeline (folder or hub repo id) into a `save_pretrained` orbax folder.
 
-    python -m unclip_jax.conversion SOURCE OUT [--dtype fp32|bf16|fp16] [--variant fp16] [--revision R]
-                                    [--local-files-only] [--cache-dir DIR] [--overwrite] [--quiet]
+The command is `unclip-jax convert SOURCE OUT ...` (unclip_jax/cli/convert.py).
 
 The pipeline class comes from `_class_name` in the source's model_index.json. Components are converted
 one at a time (each model's PyTorch tensors read from the memory-mapped file, transposed and cast one
@@ -14,7 +13,6 @@ refused before any work.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -116,43 +114,3 @@ def _pipeline_class(index: dict, source: str):
 def _progress(names, enabled: bool):
     return tqdm(total=len(names), unit="component", file=sys.stderr,
                 disable=not (sys.stderr.isatty() if enabled is None else enabled))
-
-
-def _parser() -> argparse.ArgumentParser:
-    from unclip_jax.cli import OneLineParser  # noqa: PLC0415
-
-    p = OneLineParser(
-        prog="unclip-jax convert",
-        description="Convert a diffusers pipeline (folder or hub repo id) into an orbax folder that loads "
-                    "without torch.")
-    p.add_argument("source", help="diffusers pipeline folder or hub repo id")
-    p.add_argument("out", help="folder to create")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="saved param dtype (default fp32)")
-    p.add_argument("--variant", default=None, help='weights variant to read, e.g. "fp16"')
-    p.add_argument("--revision", default=None, help="hub branch, tag or commit hash")
-    p.add_argument("--local-files-only", action="store_true", help="use the hub cache only (no network)")
-    p.add_argument("--cache-dir", default=None, help="huggingface_hub cache folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (atomically)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The conversion command; user errors end with one line on stderr and exit status 2."""
-    from unclip_jax.cli import UsageError  # noqa: PLC0415
-    from unclip_jax.weights.errors import CheckpointError  # noqa: PLC0415
-
-    try:
-        args = _parser().parse_args(argv)
-        out = convert_pipeline(args.source, args.out, dtype=args.dtype, variant=args.variant,
-                               revision=args.revision, local_files_only=args.local_files_only,
-                               cache_dir=args.cache_dir, overwrite=args.overwrite, progress=not args.quiet)
-    except (UsageError, CheckpointError, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"unclip-jax convert: error: {e}".splitlines()[0], file=sys.stderr)
-        return 2
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -140,8 +140,15 @@ def random_params(abstract, rng: np.random.Generator, positive: tuple = ()):
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
-def write_tiny(kind: str, folder: str, seed: int = 0) -> str:
-    """Writes the tiny `kind` checkpoint (one of `KINDS`) to `folder`, which must not exist; returns it."""
+# The model_index.json key recording what wrote the folder: `write_tiny(..., exist_ok=True)` finds its own.
+TINY_KEY = "_unclip_jax_tiny"
+
+
+def write_tiny(kind: str, folder: str, seed: int = 0, *, exist_ok: bool = False) -> str:
+    """Writes the tiny `kind` checkpoint (one of `KINDS`) to `folder`; returns it.
+
+    `folder` must not exist; with `exist_ok`, a folder that this function wrote with the same kind and seed
+    is left as it is (running the same command twice works), and anything else there is still refused."""
     from unclip_jax.image_processing import CLIPImageProcessor  # noqa: PLC0415
     from unclip_jax.image_processing_dpt import DPTImageProcessor  # noqa: PLC0415
     from unclip_jax.schedulers import scheduler_from_config  # noqa: PLC0415
@@ -153,9 +160,12 @@ def write_tiny(kind: str, folder: str, seed: int = 0) -> str:
     if kind not in CONFIGS:
         raise ValueError(f"unknown tiny checkpoint kind {kind!r}; choose one of {', '.join(KINDS)}")
     if os.path.exists(folder):
-        raise FileExistsError(f"{folder}: already exists")
+        if exist_ok and _written_tiny(folder) == {"kind": kind, "seed": seed}:
+            return folder
+        raise FileExistsError(f"{folder}: already exists" + (" (and is not a tiny checkpoint of this --kind and "
+                                                            "--seed)" if exist_ok else ""))
     pipeline_class, configs = CONFIGS[kind]
-    index: dict = {"_class_name": pipeline_class}
+    index: dict = {"_class_name": pipeline_class, TINY_KEY: {"kind": kind, "seed": seed}}
     components, params = {}, {}
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as src:
@@ -186,3 +196,11 @@ def write_tiny(kind: str, folder: str, seed: int = 0) -> str:
         save_pipeline(folder, src, index, components, params)
     return folder
 
+
+def _written_tiny(folder: str) -> dict | None:
+    """{"kind", "seed"} of a tiny checkpoint folder that `write_tiny` wrote, else None."""
+    try:
+        with open(os.path.join(folder, "model_index.json")) as f:
+            return json.load(f).get(TINY_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None

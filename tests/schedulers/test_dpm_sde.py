@@ -1,5 +1,5 @@
 """DPMSolverSDEScheduler: trajectory parity with diffusers on supplied noise, and the law of our own
-Brownian noise source (harness: test_schedulers_b).
+Brownian noise source (harness: harness.py).
 
 diffusers draws the noise from a torchsde Brownian tree and imports torchsde at module level. torchsde is
 not installed here, so the reference module is imported with a stand-in `torchsde` module and its
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_schedulers_b import SD, check_compiled_loop, run_trajectory, to_ref
+from harness import SD, check_compiled_loop, run_solver_trajectory, to_ref
 
 from unclip_jax.schedulers.dpmsolver_sde import DPMSolverSDEScheduler
 
@@ -66,7 +66,7 @@ SDE_CASES = {
 def test_dpm_sde_supplied_noise(case, ref_module, monkeypatch):
     monkeypatch.setattr(ref_module, "BrownianTreeNoiseSampler", SuppliedSampler)
     cfg, n = SDE_CASES[case]
-    run_trajectory(DPMSolverSDEScheduler.from_config(cfg), ref_module.DPMSolverSDEScheduler(**cfg), n,
+    run_solver_trajectory(DPMSolverSDEScheduler.from_config(cfg), ref_module.DPMSolverSDEScheduler(**cfg), n,
                    stochastic=True, noise_hook=hook)
 
 
@@ -75,7 +75,7 @@ def test_dpm_sde_img2img_start(begin, find_start, ref_module, monkeypatch):
     # Pipelines start at t_start * order (an interval's first evaluation).
     monkeypatch.setattr(ref_module, "BrownianTreeNoiseSampler", SuppliedSampler)
     cfg = dict(use_karras_sigmas=True, **SD)
-    run_trajectory(DPMSolverSDEScheduler.from_config(cfg), ref_module.DPMSolverSDEScheduler(**cfg), 8,
+    run_solver_trajectory(DPMSolverSDEScheduler.from_config(cfg), ref_module.DPMSolverSDEScheduler(**cfg), 8,
                    begin=begin, find_start=find_start, stochastic=True, noise_hook=hook, size_history=False)
 
 

@@ -1,10 +1,10 @@
-"""Trajectory parity of UniPC multistep with diffusers (harness: test_schedulers_b)."""
+"""Trajectory parity of UniPC multistep with diffusers (harness: harness.py)."""
 
 from __future__ import annotations
 
 import diffusers
 import pytest
-from test_schedulers_b import SD, check_compiled_loop, run_trajectory
+from harness import SD, check_compiled_loop, run_solver_trajectory
 
 from unclip_jax.schedulers import common
 from unclip_jax.schedulers.unipc_multistep import UniPCMultistepScheduler
@@ -36,19 +36,19 @@ UNIPC_CASES = {
 @pytest.mark.parametrize("case", list(UNIPC_CASES))
 def test_unipc(case):
     cfg, n = UNIPC_CASES[case]
-    run_trajectory(UniPCMultistepScheduler.from_config(cfg), diffusers.UniPCMultistepScheduler(**cfg), n)
+    run_solver_trajectory(UniPCMultistepScheduler.from_config(cfg), diffusers.UniPCMultistepScheduler(**cfg), n)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 def test_unipc_few_steps(n):
     cfg = dict(solver_order=3, lower_order_final=False, solver_type="bh1", final_sigmas_type="sigma_min")
-    run_trajectory(UniPCMultistepScheduler.from_config(cfg), diffusers.UniPCMultistepScheduler(**cfg), n)
+    run_solver_trajectory(UniPCMultistepScheduler.from_config(cfg), diffusers.UniPCMultistepScheduler(**cfg), n)
 
 
 @pytest.mark.parametrize("begin,find_start", [(3, False), (8, True)])
 def test_unipc_img2img_start(begin, find_start):
     cfg = dict(solver_order=3, **SD)
-    run_trajectory(UniPCMultistepScheduler.from_config(cfg), diffusers.UniPCMultistepScheduler(**cfg), 14,
+    run_solver_trajectory(UniPCMultistepScheduler.from_config(cfg), diffusers.UniPCMultistepScheduler(**cfg), 14,
                    begin=begin, find_start=find_start, size_history=False)
 
 

@@ -1,5 +1,5 @@
 """Trajectory parity of the sigma (k-diffusion family) schedulers with diffusers: Euler, Euler ancestral,
-LMS, Heun, KDPM2, KDPM2 ancestral and EDM Euler; harness and tolerance from test_schedulers_a."""
+LMS, Heun, KDPM2, KDPM2 ancestral and EDM Euler; harness and tolerance from harness.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from test_schedulers_a import (
+from harness import (
     QUIET_REFERENCE, SHAPE_2D, SHAPE_4D, TOL, from_ref, reference, run_trajectory, to_ref,
 )
 from torch_ref import assert_close

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_schedulers_a import (
+from harness import (
     QUIET_REFERENCE, SHAPE_4D, TOL, assert_step_close, fake_model, from_ref, reference, to_ref,
 )
 from torch_ref import assert_close

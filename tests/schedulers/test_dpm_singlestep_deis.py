@@ -1,4 +1,4 @@
-"""Trajectory parity of singlestep DPM-Solver and DEIS with diffusers (harness: test_schedulers_b)."""
+"""Trajectory parity of singlestep DPM-Solver and DEIS with diffusers (harness: harness.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import diffusers
 import diffusers.schedulers.scheduling_dpmsolver_singlestep as ref_singlestep
 import numpy as np
 import pytest
-from test_schedulers_b import SD, StepNoise, check_compiled_loop, run_trajectory
+from harness import SD, StepNoise, check_compiled_loop, run_solver_trajectory
 
 from unclip_jax.schedulers import common
 from unclip_jax.schedulers.deis_multistep import DEISMultistepScheduler
@@ -38,14 +38,14 @@ SINGLE_CASES = {
 def test_dpm_singlestep(case):
     cfg, n = SINGLE_CASES[case]
     ours, ref = DPMSolverSinglestepScheduler.from_config(cfg), diffusers.DPMSolverSinglestepScheduler(**cfg)
-    run_trajectory(ours, ref, n)
+    run_solver_trajectory(ours, ref, n)
     np.testing.assert_array_equal(np.asarray(ours.set_timesteps(ours.create_state(), n).order_list), ref.order_list)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_dpm_singlestep_few_steps(n):
     cfg = dict(solver_order=3, final_sigmas_type="sigma_min")
-    run_trajectory(DPMSolverSinglestepScheduler.from_config(cfg), diffusers.DPMSolverSinglestepScheduler(**cfg), n)
+    run_solver_trajectory(DPMSolverSinglestepScheduler.from_config(cfg), diffusers.DPMSolverSinglestepScheduler(**cfg), n)
 
 
 @pytest.mark.parametrize("cfg", [dict(algorithm_type="sde-dpmsolver++", solver_order=3),
@@ -54,16 +54,16 @@ def test_dpm_singlestep_few_steps(n):
 def test_dpm_singlestep_sde_supplied_noise(cfg, monkeypatch):
     noise = StepNoise()
     monkeypatch.setattr(ref_singlestep, "randn_tensor", noise)
-    run_trajectory(DPMSolverSinglestepScheduler.from_config(cfg), diffusers.DPMSolverSinglestepScheduler(**cfg), 11,
+    run_solver_trajectory(DPMSolverSinglestepScheduler.from_config(cfg), diffusers.DPMSolverSinglestepScheduler(**cfg), 11,
                    stochastic=True, noise_hook=lambda z: setattr(noise, "z", z))
 
 
 def test_dpm_singlestep_learned_variance_and_start():
     cfg = dict(variance_type="learned", solver_order=3, **SD)
-    run_trajectory(DPMSolverSinglestepScheduler.from_config(cfg), diffusers.DPMSolverSinglestepScheduler(**cfg), 10,
+    run_solver_trajectory(DPMSolverSinglestepScheduler.from_config(cfg), diffusers.DPMSolverSinglestepScheduler(**cfg), 10,
                    shape=(2, 4, 3, 3), learned=True)
     cfg = dict(solver_order=3, **SD)
-    run_trajectory(DPMSolverSinglestepScheduler.from_config(cfg), diffusers.DPMSolverSinglestepScheduler(**cfg), 12,
+    run_solver_trajectory(DPMSolverSinglestepScheduler.from_config(cfg), diffusers.DPMSolverSinglestepScheduler(**cfg), 12,
                    begin=5, size_history=False)
 
 
@@ -109,19 +109,19 @@ DEIS_CASES = {
 @pytest.mark.parametrize("case", list(DEIS_CASES))
 def test_deis(case):
     cfg, n = DEIS_CASES[case]
-    run_trajectory(DEISMultistepScheduler.from_config(cfg), diffusers.DEISMultistepScheduler(**cfg), n)
+    run_solver_trajectory(DEISMultistepScheduler.from_config(cfg), diffusers.DEISMultistepScheduler(**cfg), n)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_deis_few_steps(n):
     cfg = dict(solver_order=3, lower_order_final=False)
-    run_trajectory(DEISMultistepScheduler.from_config(cfg), diffusers.DEISMultistepScheduler(**cfg), n)
+    run_solver_trajectory(DEISMultistepScheduler.from_config(cfg), diffusers.DEISMultistepScheduler(**cfg), n)
 
 
 @pytest.mark.parametrize("begin,find_start", [(3, False), (6, True)])
 def test_deis_img2img_start(begin, find_start):
     cfg = dict(solver_order=3, **SD)
-    run_trajectory(DEISMultistepScheduler.from_config(cfg), diffusers.DEISMultistepScheduler(**cfg), 12,
+    run_solver_trajectory(DEISMultistepScheduler.from_config(cfg), diffusers.DEISMultistepScheduler(**cfg), 12,
                    begin=begin, find_start=find_start)
 
 

@@ -1,0 +1,228 @@
+"""What the generating commands (txt2img, variation, depth2img) share: the checks that read files but
+load no model, loading the pipeline, progress lines, and writing the PNGs.
+
+The library (jax and the pipelines) is imported inside the functions that load or run a model: importing
+it costs about 3 s, and `--help` or a refused argument must not pay it (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import threading
+import time
+
+from unclip_jax.cli.parsing import PROG, UsageError
+
+PIPELINES = {
+    "txt2img": "StableUnCLIPPipeline",
+    "variation": "StableUnCLIPImg2ImgPipeline",
+    "depth2img": "StableDiffusionDepth2ImgPipeline",
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks that read files but load no model
+
+
+def read_image(path: str, what: str):
+    import PIL.Image  # noqa: PLC0415  (import time: see the module docstring)
+
+    try:
+        image = PIL.Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path}: no such file") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL reports broken files as any of these
+        raise UsageError(f"{what} {path}: cannot read it as an image ({e})") from None
+    return image
+
+
+def check_out(out: str) -> None:
+    """--out must be a writable folder, or creatable: found now, not after generating."""
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise UsageError(f"--out {out}: exists and is not a folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {out}: not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out}: cannot be created ({parent} is not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot be created ({parent} is not writable)")
+
+
+def check_model_folder(args) -> None:
+    """A local --model (and --prior) folder: the right pipeline class, and a --noise-level its image noising
+    schedule has (read from the scheduler's JSON config; no weights are read)."""
+    from unclip_jax.pipelines import checks  # noqa: PLC0415  (import time)
+    from unclip_jax.weights.checkpoint import read_config  # noqa: PLC0415
+    from unclip_jax.weights.folder import read_model_index  # noqa: PLC0415
+
+    if getattr(args, "prior", None) is not None and os.path.isdir(args.prior):
+        prior_layout(args.prior)
+    if not os.path.isdir(args.model):
+        return  # a hub repo id: checked once resolved
+    index = read_model_index(args.model)
+    check_pipeline_class(args.model, index.get("_class_name"), args)
+    if getattr(args, "noise_level", None) is not None and "image_noising_scheduler" in index:
+        config = read_config(os.path.join(args.model, "image_noising_scheduler"), "scheduler_config.json")
+        # diffusers' DDPMScheduler default when the config leaves it out
+        checks.check_noise_level(args.noise_level, int(config.get("num_train_timesteps", 1000)), "--noise-level")
+
+
+def check_pipeline_class(folder: str, found: str | None, args) -> None:
+    """A folder made for another pipeline is named as such (instead of a missing-component error)."""
+    want = PIPELINES[args.command]
+    if found == want or found not in PIPELINES.values():
+        return
+    if getattr(args, "prior", None) is not None and found == PIPELINES["variation"]:
+        return  # its decoder, with the --prior's prior
+    other = next(c for c, p in PIPELINES.items() if p == found)
+    hint = f"use `{PROG} {other}`"
+    if args.command == "txt2img" and found == PIPELINES["variation"]:
+        from unclip_jax.weights.folder import KARLO  # noqa: PLC0415  (import time)
+
+        hint = f"add --prior {KARLO} for text-to-image with its decoder, or {hint}"
+    raise UsageError(f"{folder} is a {found} checkpoint; `{args.command}` needs a {want} ({hint})")
+
+
+def prior_layout(folder: str) -> dict[str, str]:
+    """StableUnCLIPPipeline's prior components -> their names in the --prior folder."""
+    from unclip_jax.weights.errors import CheckpointError  # noqa: PLC0415  (import time)
+    from unclip_jax.weights.folder import prior_layout as layout  # noqa: PLC0415
+
+    try:
+        return layout(folder)
+    except CheckpointError as e:
+        raise UsageError(f"--prior {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and progress
+
+
+@contextlib.contextmanager
+def elapsed(label: str, enabled: bool):
+    """A progress line showing the time spent so far on a step of unknown length (compilation, a
+    whole pipeline call), refreshed from a thread while the main thread is busy in XLA."""
+    if not enabled:
+        yield
+        return
+    from tqdm import tqdm  # noqa: PLC0415  (import time)
+
+    bar = tqdm(desc=label, total=None, bar_format="{desc}: {elapsed}", leave=False, file=sys.stderr)
+    done = threading.Event()
+
+    def refresh():
+        while not done.wait(0.5):
+            bar.refresh()
+
+    thread = threading.Thread(target=refresh, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        bar.close()
+
+
+def load(args, progress: bool):
+    """(pipeline, params) for the command, with the scheduler swapped when asked."""
+    import jax.numpy as jnp  # noqa: PLC0415  (import time)
+
+    import unclip_jax  # noqa: PLC0415
+    from unclip_jax.schedulers import scheduler_from_config  # noqa: PLC0415
+    from unclip_jax.weights.checkpoint import read_config  # noqa: PLC0415
+    from unclip_jax.weights.folder import read_model_index  # noqa: PLC0415
+    from unclip_jax.weights.hub import resolve  # noqa: PLC0415
+
+    cls = getattr(unclip_jax, PIPELINES[args.command])
+    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
+    t0 = time.time()
+    with elapsed(f"loading {args.model}", progress):
+        folder = resolve(args.model, cls.COMPONENTS, variant=args.variant, revision=args.revision,
+                         local_files_only=args.local_files_only)
+        check_pipeline_class(folder, read_model_index(folder).get("_class_name"), args)
+        swap = {} if getattr(args, "prior", None) is None else {"prior": args.prior}
+        if args.scheduler_class is not None:
+            config = read_config(os.path.join(folder, "scheduler"), "scheduler_config.json")
+            swap["scheduler"] = scheduler_from_config(config, class_name=args.scheduler_class)
+        pipe, params = cls.from_pretrained(folder, dtype=dtype, variant=args.variant,
+                                           local_files_only=args.local_files_only, **swap)
+    log(f"loaded {args.model} in {time.time() - t0:.1f}s")
+    return pipe, params
+
+
+def call_arguments(args, params, progress: bool) -> dict:
+    """The pipeline call's keywords that every generating command passes."""
+    import jax  # noqa: PLC0415  (import time)
+
+    return dict(params=params, key=jax.random.key(args.seed), num_inference_steps=args.steps,
+                guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+                num_images_per_prompt=args.count, eta=args.eta, progress_bar=progress)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output
+
+# Arguments that are not generation parameters (or are recorded otherwise: --size as height and width).
+_NOT_RECORDED = {"out", "progress", "images", "scheduler_class", "save_depth", "size", "local_files_only",
+                 "compile_cache", "max_pixels"}
+
+
+def settings(args, pipe) -> dict:
+    """The generation parameters a PNG records."""
+    recorded = {k: v for k, v in vars(args).items() if k not in _NOT_RECORDED}
+    recorded["scheduler"] = type(pipe.scheduler).__name__
+    return recorded
+
+
+def _next_number(folder: str) -> int:
+    """Files are numbered on from the highest number already in the folder: nothing is overwritten."""
+    numbers = [int(m.group(1)) for f in os.listdir(folder) if (m := re.match(r"(\d{5})-", f))]
+    return max(numbers, default=-1) + 1
+
+
+def _write_png(image, path: str, parameters: dict) -> None:
+    """Written beside `path` under a hidden name, then renamed: a killed run leaves no half-written PNG."""
+    from PIL.PngImagePlugin import PngInfo  # noqa: PLC0415  (import time)
+
+    import unclip_jax  # noqa: PLC0415
+
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(parameters))
+    info.add_text("Software", f"unclip-jax {unclip_jax.__version__}")
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.partial")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(path, flush=True)
+
+
+def save(images, args, recorded: dict, extra: dict | None = None) -> None:
+    """PNGs `NNNNN-COMMAND-SEED-INDEX.png` (INDEX: the image's place in this run), each recording its
+    parameters with its real height and width; `extra` {name: image} as `NNNNN-COMMAND-SEED-name.png`."""
+    os.makedirs(args.out, exist_ok=True)
+    n = _next_number(args.out)
+    for i, image in enumerate(images):
+        path = os.path.join(args.out, f"{n + i:05d}-{args.command}-{args.seed}-{i}.png")
+        _write_png(image, path, dict(recorded, index=i, height=image.height, width=image.width))
+    for name, image in (extra or {}).items():
+        path = os.path.join(args.out, f"{n:05d}-{args.command}-{args.seed}-{name}.png")
+        _write_png(image, path, dict(recorded, image_kind=name, height=image.height, width=image.width))

@@ -1,0 +1,149 @@
+"""Argument parsing for every `unclip-jax` command: the one-line parser, the argument groups the
+generating commands share, and the checks that need nothing but the arguments.
+
+Imports nothing heavier than the standard library and the pipelines' model-free checks (numpy), so
+`--help` and a refused argument stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+from unclip_jax.pipelines import checks
+
+PROG = "unclip-jax"
+
+# Short scheduler names; the class names themselves (the values, any case) are accepted as well. The set of
+# values is every decoder scheduler in `unclip_jax.schedulers.SCHEDULERS` (a test keeps them equal).
+SCHEDULER_NAMES = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm2": "KDPM2DiscreteScheduler",
+    "dpm2-a": "KDPM2AncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "dpm++-single": "DPMSolverSinglestepScheduler",
+    "dpm++-sde": "DPMSolverSDEScheduler",
+    "deis": "DEISMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "edm-euler": "EDMEulerScheduler",
+}
+
+DTYPES = ("fp32", "bf16")
+
+
+class UsageError(Exception):
+    """A user mistake, reported as one line."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (no usage dump), raised as a UsageError for `main` to report."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def command_parser(sub, name: str, help_: str, description: str, examples: str = "", *, notes: str = ""):
+    """A subcommand's parser: the description wrapped, then `notes` and `examples` verbatim."""
+    epilog = "\n\n".join(part for part in (notes, examples) if part)
+    return sub.add_parser(name, help=help_, description=textwrap.fill(description, 78), epilog=epilog or None,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+_OUTPUT_NOTE = ("PNGs go to --out, numbered on from the highest number there (nothing is overwritten), each "
+                "carrying its generation parameters as JSON under the PNG text key `parameters`; their paths "
+                "are printed on stdout, one a line.")
+
+
+def generation_parser(sub, name: str, help_: str, description: str, examples: str, *, steps: int,
+                      guidance: float) -> argparse.ArgumentParser:
+    """A generating command's parser with the model, sampling and output groups every one of them takes."""
+    rows = "\n".join(f"  {short:<13} {cls}" for short, cls in SCHEDULER_NAMES.items())
+    p = command_parser(sub, name, help_, f"{description} {_OUTPUT_NOTE}", examples,
+                       notes=f"schedulers (--scheduler; short name or class name, any case):\n{rows}")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", required=True, metavar="PATH_OR_REPO_ID",
+                   help="pipeline folder (diffusers layout, or written by save_pretrained / convert) or hub repo id")
+    m.add_argument("--dtype", default="fp32", choices=DTYPES, help="compute dtype (default fp32)")
+    m.add_argument("--variant", default=None, help='weight file variant of a diffusers folder, e.g. "fp16"')
+    m.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    m.add_argument("--local-files-only", action="store_true", help="use the hub cache only, no download")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what to steer away from (default: none)")
+    s.add_argument("--steps", type=int, default=steps, metavar="N", help=f"denoising steps (default {steps})")
+    s.add_argument("--guidance", type=float, default=guidance, metavar="SCALE",
+                   help=f"classifier-free guidance scale; <= 1 turns guidance off (default {guidance:g})")
+    s.add_argument("--scheduler", default=None, metavar="NAME",
+                   help="decoder scheduler, built from the checkpoint's scheduler config as diffusers' "
+                        "from_config does (names below; default: the checkpoint's)")
+    s.add_argument("--eta", type=float, default=0.0, metavar="ETA", help="DDIM eta (default 0; other schedulers ignore it)")
+    s.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0): same seed, same images")
+    s.add_argument("--count", type=int, default=1, metavar="N", help="images to make (default 1)")
+    o = p.add_argument_group("output and run")
+    o.add_argument("--out", default=".", metavar="DIR", help="output folder, created if missing (default: here)")
+    o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars on stderr (default: when stderr is a terminal)")
+    o.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
+                   help="do not use the persistent compilation cache (default: on, in $UNCLIP_JAX_CACHE_DIR or "
+                        "~/.cache/unclip-jax/jax; UNCLIP_JAX_CACHE_DIR= turns it off too)")
+    return p
+
+
+def add_noise_level(p) -> None:
+    p.add_argument("--noise-level", type=int, default=0, metavar="LEVEL",
+                   help="noise added to the CLIP image embedding, 0 to 999: higher strays further (default 0)")
+
+
+def add_size(p, help_: str) -> None:
+    p.add_argument("--size", type=int, default=None, metavar="PX", help=help_ + "; sets height and width")
+    p.add_argument("--height", type=int, default=None, metavar="PX", help="height in pixels (instead of --size)")
+    p.add_argument("--width", type=int, default=None, metavar="PX", help="width in pixels (instead of --size)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks that need only the arguments
+
+
+def scheduler_class(name: str) -> str:
+    """A --scheduler name (short, or a class name, any case) -> the scheduler class name."""
+    by_lower = {k.lower(): v for k, v in SCHEDULER_NAMES.items()}
+    by_lower.update({v.lower(): v for v in SCHEDULER_NAMES.values()})
+    if name.lower() not in by_lower:
+        raise UsageError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)} "
+                         "(or a class name, e.g. EulerDiscreteScheduler)")
+    return by_lower[name.lower()]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_generation_arguments(args) -> None:
+    """The shared generation arguments' limits, by the pipelines' own checks (`unclip_jax.pipelines.checks`,
+    so the CLI and the API refuse the same values); sets args.height/width from --size and
+    args.scheduler_class. The checks raise ValueError naming the flag."""
+    for name in ("steps", "count", "prior_steps"):
+        if getattr(args, name, None) is not None:
+            checks.check_count(getattr(args, name), _flag(name))
+    for name in ("guidance", "prior_guidance"):
+        if getattr(args, name, None) is not None:
+            checks.check_guidance(getattr(args, name), _flag(name))
+    checks.check_eta(args.eta, "--eta")
+    if getattr(args, "noise_level", None) is not None:
+        checks.check_noise_level(args.noise_level, None, "--noise-level")  # the schedule's end: cli.common
+    if getattr(args, "strength", None) is not None:
+        checks.check_strength(args.strength, "--strength")
+    if args.size is not None and (args.height is not None or args.width is not None):
+        raise UsageError("give --size, or --height and --width, not both")
+    if args.size is not None:
+        checks.check_side(args.size, "--size")
+        args.height = args.width = args.size
+    for name in ("height", "width"):
+        if getattr(args, name) is not None:
+            checks.check_side(getattr(args, name), _flag(name))
+    args.scheduler_class = None if args.scheduler is None else scheduler_class(args.scheduler)

@@ -1,0 +1,48 @@
+"""`unclip-jax txt2img`: text -> Karlo prior -> CLIP image embedding -> Stable unCLIP decoder -> PNGs."""
+
+from __future__ import annotations
+
+import time
+
+from unclip_jax.cli import common
+from unclip_jax.cli.parsing import PROG, add_noise_level, add_size, check_generation_arguments, generation_parser
+
+EXAMPLES = f"""examples:
+  {PROG} txt2img "a photo of a red fox" --model stabilityai/stable-diffusion-2-1-unclip-small \\
+      --prior kakaobrain/karlo-v1-alpha
+  {PROG} txt2img "a watercolor lighthouse" --model ./unclip-orbax --steps 30 --scheduler dpm++ --count 4 --out out
+  {PROG} tiny tiny-unclip && {PROG} txt2img "a cat" --model tiny-unclip --steps 4 --prior-steps 4"""
+
+
+def add_parser(sub) -> None:
+    g = generation_parser(sub, "txt2img", "generate images from a prompt (StableUnCLIPPipeline)",
+                          "Text -> Karlo prior -> CLIP image embedding -> Stable unCLIP decoder -> PNGs.", EXAMPLES,
+                          steps=20, guidance=10.0)
+    g.add_argument("prompt", help="what to draw")
+    g.add_argument("--prior", default=None, metavar="PATH_OR_REPO_ID",
+                   help="take the prior (tokenizer, CLIP text model, PriorTransformer, scheduler) from this "
+                        "pipeline: a Karlo UnCLIPPipeline (kakaobrain/karlo-v1-alpha, as diffusers' recipe "
+                        "for stable-diffusion-2-1-unclip-small) or a StableUnCLIPPipeline; then --model may "
+                        "be an image-variation checkpoint, whose decoder is used")
+    g.add_argument("--prior-steps", type=int, default=25, metavar="N", help="prior denoising steps (default 25)")
+    g.add_argument("--prior-guidance", type=float, default=4.0, metavar="SCALE", help="prior guidance scale (default 4)")
+    add_noise_level(g)
+    add_size(g, "image size in pixels, a multiple of 8 (default: the model's, 768 for the real checkpoints)")
+
+
+def check(args) -> None:
+    check_generation_arguments(args)
+    common.check_out(args.out)
+    common.check_model_folder(args)
+
+
+def run(args, progress: bool) -> None:
+    pipe, params = common.load(args, progress)
+    recorded = common.settings(args, pipe)
+    t0 = time.time()
+    with common.elapsed("generating (compiles on first use)", progress):
+        images = pipe(args.prompt, height=args.height, width=args.width, noise_level=args.noise_level,
+                      prior_num_inference_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance,
+                      **common.call_arguments(args, params, progress)).images
+    common.log(f"generated {len(images)} image(s) in {time.time() - t0:.1f}s")
+    common.save(images, args, recorded)
