@@ -1,0 +1,1 @@
+"""Training: objectives, the train step, data, checkpoint/resume, EMA and validation."""
