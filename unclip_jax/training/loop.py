@@ -1,0 +1,385 @@
+"""A training run: checks, loading, the step loop, checkpoints, metrics, validation grids, the final folder.
+
+    from unclip_jax.training.loop import RunConfig, train
+    from unclip_jax.training.step import StepConfig
+    train(RunConfig(objective="decoder", model="tiny-unclip", data="my-folder", out="run", batch_size=4,
+                    seed=0, save_every=100, step=StepConfig(steps=1000, learning_rate=1e-5)))
+
+OUT holds:
+  metrics.jsonl       one JSON object per optimizer step: step, loss, lr, grad_norm, the objective's
+                      metrics, epoch, skipped (bad records so far), and the timings steps_per_s and
+                      samples_per_s (the only fields that differ between identical runs)
+  tensorboard/        the same scalars and the validation grids, as TensorBoard event files (tensorboardX)
+  checkpoints/        orbax checkpoints (see checkpoint.py); `resume=True` continues from the newest
+  validation/         step-XXXXXX.png: the validation prompts sampled with the EMA params, one image per
+                      prompt, left to right (at step 0, every `validation_every` steps and at the end)
+  final/              written by the objective's `save` from the EMA params (or the trained ones without an
+                      EMA): a folder that `objective.pipeline_class.from_pretrained` loads
+
+Every check that can fail on the user's input (the data, the output folder, the resolution, the batch
+and mesh, a checkpoint to resume) runs before the first step and before anything is written to OUT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from unclip_jax.training.checkpoint import (
+    METRICS,
+    Checkpoints,
+    ResumeError,
+    atomic_write_text,
+    check_compatible,
+    signature,
+    truncate_metrics,
+)
+from unclip_jax.training.data import DEFAULT_DEPTH_COLUMN, DataError, DataIterator, open_source, transform
+from unclip_jax.training.step import StepConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A run's settings (the `unclip-jax train` options; see `command.py` for each one's meaning)."""
+
+    objective: str
+    model: str
+    data: Any  # a folder or a datasets.Dataset
+    out: str
+    batch_size: int
+    step: StepConfig
+    seed: int = 0
+    save_every: int = 500
+    keep: int = 3
+    resume: bool = False
+    resolution: int | None = None
+    center_crop: bool = False
+    random_flip: bool = False
+    interpolation: str = "lanczos"
+    image_column: str = "image"
+    caption_column: str = "text"
+    depth_column: str | None = None
+    skip_missing_files: bool = False
+    validation_prompts: tuple[str, ...] = ()
+    validation_every: int = 0  # 0: only at the start and the end (if there are prompts)
+    validation_steps: int = 20
+    remat: bool = False
+    fsdp: int = 1
+    objective_options: dict = dataclasses.field(default_factory=dict)
+    progress: bool | None = None  # None: a bar only when stderr is a terminal
+    log_every: int = 1  # steps between TensorBoard scalar writes
+
+
+def _log(msg: str) -> None:
+    print(f"unclip-jax train: {msg}", file=sys.stderr, flush=True)
+
+
+def check_out(out: str) -> None:
+    """OSError unless `out` can be created (or written, if it exists); creates nothing."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OSError(f"--out {out}: exists and is not a folder")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise OSError(f"--out {out}: {probe} is not writable")
+
+
+def _load_pipeline(model: str, dtype, remat: bool):
+    """(pipe, params) of the pipeline class named by `model`'s model_index.json, the models' compute dtype
+    `dtype`, their blocks rematerialised if `remat`."""
+    import unclip_jax  # noqa: PLC0415
+    from unclip_jax.pipelines.hub import resolve  # noqa: PLC0415
+    from unclip_jax.pipelines.loading import read_model_index  # noqa: PLC0415
+
+    folder = resolve(model, ())
+    name = read_model_index(folder).get("_class_name")
+    cls = getattr(unclip_jax, str(name), None)
+    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+        raise ValueError(f"--model {model}: pipeline class {name!r} is not one this package trains")
+    pipe, params = cls.from_pretrained(folder, dtype=dtype)
+    if remat:
+        for component in pipe.COMPONENTS:
+            module = getattr(pipe, component)
+            if hasattr(module, "remat") and hasattr(module, "clone"):
+                setattr(pipe, component, module.clone(remat=True))
+    return pipe, params
+
+
+def _default_build(name: str, pipe, params, options: dict):
+    try:
+        from unclip_jax.training.objectives import build_objective  # noqa: PLC0415
+    except ImportError as e:
+        raise ValueError(f"objective {name!r}: the objectives are not available in this install ({e})") from None
+    return build_objective(name, pipe, params, options)
+
+
+def _check_resolution(pipe, resolution: int) -> None:
+    factor = getattr(pipe, "vae_scale_factor", 1)
+    unet = getattr(pipe, "unet", None)
+    if unet is not None and hasattr(getattr(unet, "config", None), "downsample_factor"):
+        factor *= unet.config.downsample_factor
+    if resolution <= 0 or resolution % factor:
+        raise ValueError(f"--resolution {resolution}: must be a positive multiple of {factor} (the VAE's "
+                         f"factor {getattr(pipe, 'vae_scale_factor', 1)} times the UNet's downsampling)")
+
+
+def _default_resolution(pipe) -> int:
+    unet = getattr(pipe, "unet", None)
+    size = getattr(getattr(unet, "config", None), "sample_size", None)
+    if isinstance(size, int):
+        return size * getattr(pipe, "vae_scale_factor", 1)
+    raise ValueError("--resolution is required for this model (it has no UNet sample_size)")
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _validation_images(pipe, params, prompts, *, key, resolution: int, steps: int, image) -> np.ndarray:
+    """[N, R, R, 3] float in [0, 1]: one image per prompt."""
+    name = type(pipe).__name__
+    common = dict(params=params, key=key, num_inference_steps=steps, output_type="np", height=resolution,
+                  width=resolution)
+    if "Img2Img" in name:
+        return np.asarray(pipe([image] * len(prompts), prompt=list(prompts), **common).images)
+    if "Depth2Img" in name:
+        common.pop("height"), common.pop("width")
+        return np.asarray(pipe(list(prompts), image=[image] * len(prompts), **common).images)
+    return np.asarray(pipe(list(prompts), **common).images)
+
+
+def write_grid(images: np.ndarray, path: str) -> np.ndarray:
+    """Images [N, H, W, 3] in [0, 1] side by side, written to `path` as a PNG atomically; returns the grid."""
+    from PIL import Image  # noqa: PLC0415
+
+    grid = np.concatenate(list(np.clip(images, 0, 1)), axis=1)
+    grid = (grid * 255).round().astype(np.uint8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    Image.fromarray(grid).save(tmp)
+    os.replace(tmp, path)
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+class _Metrics:
+    """metrics.jsonl (appended and flushed per step) and TensorBoard."""
+
+    def __init__(self, out: str, start: int, log_every: int):
+        self.path = os.path.join(out, METRICS)
+        truncate_metrics(self.path, start)
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self.log_every = log_every
+        try:
+            from tensorboardX import SummaryWriter  # noqa: PLC0415
+        except ImportError:
+            self.tb = None
+            _log("tensorboardX is not installed: no TensorBoard events")
+        else:
+            self.tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start + 1 if start else None)
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None and row["step"] % self.log_every == 0:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+
+    def image(self, grid: np.ndarray, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_image("validation", grid, step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(config: RunConfig, *, load: Callable | None = None, build: Callable | None = None) -> str:
+    """Runs `config`; returns OUT/final. `load(model) -> (pipe, params)` and `build(name, pipe, params,
+    options) -> (objective, pipe, params)` replace the pipeline loader and `build_objective` (tests)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from unclip_jax.sharding import Layout, make_mesh, place  # noqa: PLC0415
+    from unclip_jax.training import step as steps  # noqa: PLC0415
+
+    sc = config.step
+    # ---- checks that need nothing loaded
+    if config.batch_size < 1 or sc.steps < 1 or config.save_every < 1 or config.keep < 1:
+        raise ValueError("--batch-size, --steps, --save-every and --keep must be at least 1")
+    check_out(config.out)
+    depth_column = config.depth_column
+    if depth_column is None and config.objective == "depth" and not config.objective_options.get("depth_from_model"):
+        depth_column = DEFAULT_DEPTH_COLUMN
+    source = open_source(config.data, depth_column=depth_column, image_column=config.image_column,
+                         text_column=config.caption_column, skip_missing=config.skip_missing_files)
+    if source.skipped:
+        _log(f"{source.description}: skipping " + ", ".join(f"{v} record(s) with {k}" for k, v in source.skipped.items()))
+    layout = Layout(make_mesh(config.fsdp))
+    steps.check_batch(layout, sc, config.batch_size)
+    ckpt_dir = os.path.join(config.out, "checkpoints")
+    if not config.resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        raise ResumeError(f"--out {config.out} holds checkpoints of a run: pass --resume to continue it, or "
+                          f"choose another --out")
+
+    # ---- the model and the objective
+    pipe, params = (load or (lambda m: _load_pipeline(m, sc.compute_dtype, config.remat)))(config.model)
+    resolution = config.resolution or _default_resolution(pipe)
+    _check_resolution(pipe, resolution)
+    options = {"resolution": resolution, **config.objective_options}
+    objective, pipe, params = (build or _default_build)(config.objective, pipe, params, options)
+    trainable, frozen = objective.split(params)
+    sig = signature(trainable)
+
+    # ---- a checkpoint to resume (read and checked before anything is written)
+    checkpoints = None
+    start, resume_meta = 0, None
+    if config.resume and os.path.isdir(ckpt_dir):
+        checkpoints = Checkpoints(config.out, every=config.save_every, keep=config.keep)
+        latest = checkpoints.latest_step()
+        if latest is not None:
+            resume_meta = checkpoints.read_meta(latest)
+            check_compatible(resume_meta, objective=objective.name, model=config.model, trainable_signature=sig,
+                             where=os.path.join(ckpt_dir, str(latest)))
+            start = latest
+    if config.resume and resume_meta is None:
+        _log(f"--resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
+
+    iterator = DataIterator(source, batch_size=config.batch_size * sc.gradient_accumulation_steps,
+                            resolution=resolution, seed=config.seed, center_crop=config.center_crop,
+                            random_flip=config.random_flip, interpolation=config.interpolation)
+    state = steps.init_state(sc, trainable, config.seed)
+    state = jax.tree.map(lambda x: place(x, layout.param(np.shape(x))), state)
+    frozen = steps.cast_floating(frozen, sc.compute_dtype) if sc.mixed_precision != "no" else frozen
+    frozen = layout.put_params(frozen)
+    if resume_meta is not None:
+        state = checkpoints.restore(start, state)
+        iterator.restore(resume_meta["data"])
+        _log(f"resumed from step {start} ({os.path.join(ckpt_dir, str(start))})")
+
+    # ---- OUT is written from here on
+    os.makedirs(config.out, exist_ok=True)
+    if checkpoints is None:
+        checkpoints = Checkpoints(config.out, every=config.save_every, keep=config.keep)
+    metrics = _Metrics(config.out, start, config.log_every)
+    atomic_write_text(os.path.join(config.out, "train_config.json"), json.dumps(_describe(config, resolution), indent=2))
+
+    validation = _Validation(config, objective, pipe, source, resolution, metrics) if config.validation_prompts else None
+    if validation is not None and start == 0:
+        validation.run(0, state, frozen)
+
+    first = objective.collate(iterator.next_batch())
+    step_fn = steps.compile_step(objective, sc, layout, state, frozen, first)
+    pending = first
+    bar = _progress_bar(config, start, sc.steps)
+    meta = {"objective": objective.name, "model": config.model, "signature": sig, "seed": config.seed}
+    examples = config.batch_size * sc.gradient_accumulation_steps
+    try:
+        t0 = time.perf_counter()
+        for n in range(start + 1, sc.steps + 1):
+            batch = pending if pending is not None else objective.collate(iterator.next_batch())
+            pending = None
+            batch = {k: place(np.asarray(v), layout.batch()) for k, v in batch.items()}
+            state, out = step_fn(state, frozen, batch)
+            out = {k: float(v) for k, v in jax.device_get(out).items()}
+            t1 = time.perf_counter()
+            row = {"step": n, **out, "epoch": iterator.epoch, "skipped": iterator.skipped,
+                   "steps_per_s": 1.0 / max(t1 - t0, 1e-9), "samples_per_s": examples / max(t1 - t0, 1e-9)}
+            t0 = t1
+            metrics.write(row)
+            if checkpoints.due(n, sc.steps):
+                checkpoints.save(n, state, {**meta, "step": n, "data": iterator.state()})
+            if validation is not None and config.validation_every and n % config.validation_every == 0 \
+                    and n != sc.steps:
+                validation.run(n, state, frozen)
+            if bar is not None:
+                bar.set_postfix(loss=f"{out['loss']:.4f}", refresh=False)
+                bar.update(1)
+        if validation is not None and start < sc.steps:
+            validation.run(sc.steps, state, frozen)
+        checkpoints.wait()
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+        checkpoints.close()
+
+    final = os.path.join(config.out, "final")
+    _save_final(objective, pipe, _final_params(objective, state, frozen, sc), final)
+    return final
+
+
+def _final_params(objective, state, frozen, sc: StepConfig):
+    from unclip_jax.training.step import cast_floating  # noqa: PLC0415
+
+    trained = state.ema if state.ema is not None else state.trainable
+    params = objective.merge(trained, frozen)
+    return params if sc.mixed_precision == "no" else cast_floating(params, np.float32)
+
+
+def _save_final(objective, pipe, params, final: str) -> None:
+    """objective.save into a temporary sibling, swapped in for OUT/final in one step."""
+    from unclip_jax.pipelines.loading import atomic_folder  # noqa: PLC0415
+
+    with atomic_folder(final, overwrite=True) as tmp:
+        os.rmdir(tmp)  # objective.save writes a folder that must not exist
+        objective.save(tmp, pipe, params)
+
+
+class _Validation:
+    def __init__(self, config: RunConfig, objective, pipe, source, resolution: int, metrics: _Metrics):
+        self.config, self.objective, self.resolution, self.metrics = config, objective, resolution, metrics
+        cls = objective.pipeline_class
+        if isinstance(pipe, cls):
+            self.pipe = pipe
+        else:
+            self.pipe = cls(**{n: getattr(pipe, n) for n in cls.COMPONENTS})
+        image = None
+        for record in source.records:
+            try:
+                image = transform(record, resolution, center_crop=True, random_flip=False,
+                                  rng=np.random.default_rng(0))["image"]
+                break
+            except Exception:  # noqa: BLE001 - a bad record: try the next one
+                continue
+        from PIL import Image  # noqa: PLC0415
+
+        self.image = None if image is None else Image.fromarray(image)
+
+    def run(self, step: int, state, frozen) -> None:
+        import jax  # noqa: PLC0415
+
+        trained = state.ema if state.ema is not None else state.trainable
+        params = self.objective.merge(trained, frozen)
+        images = _validation_images(self.pipe, params, self.config.validation_prompts,
+                                    key=jax.random.key(self.config.seed), resolution=self.resolution,
+                                    steps=self.config.validation_steps, image=self.image)
+        path = os.path.join(self.config.out, "validation", f"step-{step:06d}.png")
+        self.metrics.image(write_grid(images, path), step)
+
+
+def _progress_bar(config: RunConfig, start: int, total: int):
+    show = sys.stderr.isatty() if config.progress is None else config.progress
+    if not show:
+        return None
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr)
+
+
+def _describe(config: RunConfig, resolution: int) -> dict:
+    d = dataclasses.asdict(config)
+    d["data"] = config.data if isinstance(config.data, str) else repr(config.data)
+    d["resolution"] = resolution
+    return d
