@@ -44,30 +44,44 @@ def _final(out):
         return {k: f[k] for k in f.files}
 
 
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
-    data = tiny_objective.write_folder(str(tmp_path / "data"))
-    ref = tmp_path / "ref"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(data folder, the uninterrupted run's OUT)."""
+    tmp = tmp_path_factory.mktemp("resume")
+    data = tiny_objective.write_folder(str(tmp / "data"))
+    ref = tmp / "ref"
     done = _run(data, ref)
     assert done.returncode == 0, done.stderr
     assert [r["step"] for r in _metrics(ref)] == list(range(1, STEPS + 1))
+    return data, ref
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(reference, tmp_path):
+    data, ref = reference
 
     out = tmp_path / "killed"
     # 1. killed while step 6's checkpoint is being written (the write runs in orbax's background thread).
     killed = _run(data, out, "--kill-after-save", "6")
     assert killed.returncode == -signal.SIGKILL
+    listed = sorted(os.listdir(out / "checkpoints"))
+    mid_save = "6" not in listed  # the usual case: only 6's temporary folder exists
     # 2. resumed, then killed from outside at a random step after its first new metrics line.
     env = {**_env(), "TINY_COLLATE_DELAY": "0.15"}
     proc = subprocess.Popen([sys.executable, RUN, str(data), str(out), str(STEPS), "--resume"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    target = int(np.random.default_rng().integers(4, STEPS - 1))
+    target = int(np.random.default_rng().integers(7, STEPS))
     deadline = time.time() + 240
     metrics = out / "metrics.jsonl"
     while proc.poll() is None and time.time() < deadline:
-        if metrics.exists() and sum(1 for _ in open(metrics)) >= target:
+        lines = open(metrics).read().splitlines() if metrics.exists() else []
+        if lines and lines[-1].endswith("}") and json.loads(lines[-1])["step"] >= target:
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    first_resume = proc.stderr.read()
+    if mid_save:
+        assert "resumed from step 3" in first_resume, (listed, first_resume)
     # 3. resumed to the end.
     resumed = _run(data, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -82,14 +96,10 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     assert all(name.isdigit() for name in os.listdir(out / "checkpoints"))
 
 
-def test_resume_of_another_objective_is_refused(tmp_path):
+def test_resume_of_another_objective_is_refused(reference):
     from unclip_jax.training.checkpoint import Checkpoints, ResumeError, check_compatible
 
-    data = tiny_objective.write_folder(str(tmp_path / "data"), n=4)
-    out = tmp_path / "run"
-    done = _run(data, out)
-    assert done.returncode == 0, done.stderr
-    ck = Checkpoints(str(out), every=3, keep=2)
+    ck = Checkpoints(str(reference[1]), every=3, keep=2)
     meta = ck.read_meta(ck.latest_step())
     ck.close()
     with pytest.raises(ResumeError, match="'tiny' run"):
