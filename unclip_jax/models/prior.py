@@ -201,6 +201,7 @@ class PriorTransformer(nn.Module):
 
     config: PriorTransformerConfig
     dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise each transformer block in the backward pass (training memory)
 
     def setup(self):
         c = self.config
@@ -218,7 +219,8 @@ class PriorTransformer(nn.Module):
             self.param("prd_embedding", nn.initializers.normal(0.02), (1, 1, d)) if c.added_emb_type else None
         )
         self.transformer_blocks = [
-            PriorTransformerBlock(c.num_attention_heads, c.attention_head_dim, self.dtype) for _ in range(c.num_layers)
+            (nn.remat(PriorTransformerBlock) if self.remat else PriorTransformerBlock)(
+                c.num_attention_heads, c.attention_head_dim, self.dtype) for _ in range(c.num_layers)
         ]
         self.norm_in = layer_norm(_EPS, "norm_in") if c.norm_in_type else None
         self.norm_out = layer_norm(_EPS, "norm_out")

@@ -162,11 +162,14 @@ class UNet2DConditionModel(nn.Module):
       dtype: compute dtype (norms and attention softmax stay float32).
       attention_chunk_size: run every attention over query blocks of this many tokens, one block at a
         time (diffusers' `enable_attention_slicing` counterpart: bounded memory, the same numbers).
+      remat: rematerialise each down/mid/up block in the backward pass (diffusers'
+        `enable_gradient_checkpointing`: less training memory, the same numbers).
     """
 
     config: UNet2DConditionConfig
     dtype: Any = jnp.float32
     attention_chunk_size: int | None = None
+    remat: bool = False
 
     def check_inputs(self, sample_shape, context_shape, class_labels_shape) -> None:
         """Raises ValueError on input shapes the model cannot take, before any compute."""
@@ -233,16 +236,17 @@ class UNet2DConditionModel(nn.Module):
             return dict(num_heads=heads[i], transformer_layers=tlayers[i], only_cross_attention=only_cross[i],
                         query_chunk_size=self.attention_chunk_size)
 
+        block = nn.remat if self.remat else (lambda cls: cls)
         skips = [x]
         for i, block_type in enumerate(c.down_block_types):
-            x, s = DOWN_BLOCKS[block_type](
+            x, s = block(DOWN_BLOCKS[block_type])(
                 c.block_out_channels[i], layers[i], add_downsample=i < n - 1,
                 downsample_padding=c.downsample_padding, name=f"down_blocks_{i}",
                 **common, **attn_kwargs(block_type, i))(x, emb, context)
             skips.extend(s)
 
         if c.mid_block_type is not None:
-            x = MID_BLOCKS[c.mid_block_type](
+            x = block(MID_BLOCKS[c.mid_block_type])(
                 c.block_out_channels[-1], 1, output_scale_factor=c.mid_block_scale_factor, name="mid_block",
                 **common, **attn_kwargs(c.mid_block_type, n - 1))(x, emb, context)
 
@@ -250,7 +254,7 @@ class UNet2DConditionModel(nn.Module):
             j = n - 1 - i  # the mirrored down block
             num = layers[j] + 1
             s, skips = skips[-num:], skips[:-num]
-            x = UP_BLOCKS[block_type](
+            x = block(UP_BLOCKS[block_type])(
                 c.block_out_channels[j], num, add_upsample=i < n - 1, name=f"up_blocks_{i}",
                 **common, **attn_kwargs(block_type, j))(x, s, emb, context)
 

@@ -126,7 +126,7 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         del params
-        norm = optax.global_norm(updates)
+        norm = optax.tree.norm(updates)
         scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
         return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
 
@@ -206,7 +206,7 @@ def train_step(objective: Objective, config: StepConfig, state: TrainState, froz
         grads = jax.tree.map(lambda g: g / accum, grads)
         loss, metrics = losses.mean(), jax.tree.map(jnp.mean, metrics)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     step = state.step + 1
