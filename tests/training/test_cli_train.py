@@ -59,8 +59,8 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_img2img
     code, io = _train(capsys, *_base(tiny_img2img, data, blocker / "out"))
     assert code == 2 and "is not writable" in io.err
 
-    code, io = _train(capsys, *_base(tiny_img2img, data, out, resolution=36))
-    assert code == 2 and "--resolution 36: must be a positive multiple of 16" in io.err and not out.exists()
+    code, io = _train(capsys, *_base(tiny_img2img, data, out, resolution=34))
+    assert code == 2 and "--resolution 34: must be a positive multiple of 4" in io.err and not out.exists()
 
     if len(__import__("jax").devices()) == 8:
         args = _base(tiny_img2img, data, out)
@@ -74,8 +74,10 @@ def test_decoder_run_end_to_end(capsys, tmp_path, tiny_img2img, data):
     import unclip_jax
 
     out = tmp_path / "run"
-    code, io = _train(capsys, *_base(tiny_img2img, data, out, resolution=32, validation_prompt="a fox",
-                                     validation_steps=2, lr_warmup_steps=0, learning_rate=1e-3))
+    args = _base(tiny_img2img, data, out, resolution=32, validation_prompt="a fox", validation_steps=1,
+                 lr_warmup_steps=0, learning_rate=1e-3)
+    args[args.index("--save-every") + 1] = 2
+    code, io = _train(capsys, *args)
     assert code == 0, io.err
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
@@ -83,6 +85,7 @@ def test_decoder_run_end_to_end(capsys, tmp_path, tiny_img2img, data):
     assert os.listdir(out / "tensorboard")
     pipe, params = unclip_jax.StableUnCLIPImg2ImgPipeline.from_pretrained(str(out / "final"))
     assert set(params) >= {"unet", "vae"}
-    # Resuming a finished run of another objective's checkpoint is refused before anything changes.
+    assert os.listdir(out / "checkpoints") == ["2"]
+    # Resuming from another objective's checkpoint is refused before the model is loaded.
     code, io = _train(capsys, *["prior", *_base(tiny_img2img, data, out)[1:], "--resume"])
-    assert code == 2
+    assert code == 2 and "is a checkpoint of a 'decoder' run" in io.err

@@ -122,8 +122,8 @@ def test_datasets_object_and_saved_folder(tmp_path):
     datasets = pytest.importorskip("datasets")
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)) for _ in range(3)]
-    ds = datasets.Dataset.from_dict({"img": images, "caption": ["a", "", "c"]},
-                                    features=datasets.Features({"img": datasets.Image(), "caption": datasets.Value("string")}))
+    features = datasets.Features({"img": datasets.Image(), "caption": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({"img": images, "caption": ["a", "", "c"]}, features=features)
     source = open_dataset(ds, image_column="img", text_column="caption")
     assert len(source) == 2 and source.skipped == {"no caption": 1}
     ds.save_to_disk(str(tmp_path / "saved"))

@@ -141,7 +141,11 @@ def open_dataset(dataset, *, image_column: str = "image", text_column: str = "te
                  depth_column: str | None = None) -> Source:
     """The records of a Hugging Face `datasets.Dataset` (or of a `save_to_disk` folder)."""
     if isinstance(dataset, (str, os.PathLike)):
-        import datasets  # noqa: PLC0415
+        try:
+            import datasets  # noqa: PLC0415
+        except ImportError:
+            raise DataError(f"{dataset}: a `datasets` folder needs the datasets package "
+                            "(pip install 'unclip-jax[datasets]')") from None
 
         dataset = datasets.load_from_disk(str(dataset))
         if isinstance(dataset, datasets.DatasetDict):
@@ -307,7 +311,8 @@ class DataIterator:
 
     def order(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
-            self._order_epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+            self._order_epoch = epoch
         return self._order
 
     # -- reading
@@ -319,9 +324,10 @@ class DataIterator:
             i = self.index
             record = self.source.records[self.order(self.epoch)[i]]
             self.index += 1
+            rng = np.random.default_rng([self.seed, self.epoch, i])
             try:
                 return transform(record, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip,
-                                 interpolation=self.interpolation, rng=np.random.default_rng([self.seed, self.epoch, i]))
+                                 interpolation=self.interpolation, rng=rng)
             except BadRecord:
                 self.skipped += 1
                 bad_in_a_row += 1

@@ -40,7 +40,7 @@ from unclip_jax.training.checkpoint import (
     signature,
     truncate_metrics,
 )
-from unclip_jax.training.data import DEFAULT_DEPTH_COLUMN, DataError, DataIterator, open_source, transform
+from unclip_jax.training.data import DEFAULT_DEPTH_COLUMN, DataIterator, open_source, transform
 from unclip_jax.training.step import StepConfig
 
 
@@ -209,7 +209,6 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
     """Runs `config`; returns OUT/final. `load(model) -> (pipe, params)` and `build(name, pipe, params,
     options) -> (objective, pipe, params)` replace the pipeline loader and `build_objective` (tests)."""
     import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
 
     from unclip_jax.sharding import Layout, make_mesh, place  # noqa: PLC0415
     from unclip_jax.training import step as steps  # noqa: PLC0415
@@ -225,13 +224,24 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
     source = open_source(config.data, depth_column=depth_column, image_column=config.image_column,
                          text_column=config.caption_column, skip_missing=config.skip_missing_files)
     if source.skipped:
-        _log(f"{source.description}: skipping " + ", ".join(f"{v} record(s) with {k}" for k, v in source.skipped.items()))
+        counts = ", ".join(f"{v} record(s) with {k}" for k, v in source.skipped.items())
+        _log(f"{source.description}: skipping {counts}")
     layout = Layout(make_mesh(config.fsdp))
     steps.check_batch(layout, sc, config.batch_size)
     ckpt_dir = os.path.join(config.out, "checkpoints")
     if not config.resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise ResumeError(f"--out {config.out} holds checkpoints of a run: pass --resume to continue it, or "
                           f"choose another --out")
+    checkpoints, start, resume_meta = None, 0, None
+    if config.resume and os.path.isdir(ckpt_dir):
+        checkpoints = Checkpoints(config.out, every=config.save_every, keep=config.keep)
+        latest = checkpoints.latest_step()
+        if latest is not None:
+            start, resume_meta = latest, checkpoints.read_meta(latest)
+            # The objective first, before the model is loaded; the trained tree once it is built.
+            check_compatible(resume_meta, objective=config.objective, model=config.model,
+                             trainable_signature=resume_meta.get("signature"),
+                             where=os.path.join(ckpt_dir, str(latest)))
 
     # ---- the model and the objective
     pipe, params = (load or (lambda m: _load_pipeline(m, sc.compute_dtype, config.remat)))(config.model)
@@ -242,17 +252,9 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
     trainable, frozen = objective.split(params)
     sig = signature(trainable)
 
-    # ---- a checkpoint to resume (read and checked before anything is written)
-    checkpoints = None
-    start, resume_meta = 0, None
-    if config.resume and os.path.isdir(ckpt_dir):
-        checkpoints = Checkpoints(config.out, every=config.save_every, keep=config.keep)
-        latest = checkpoints.latest_step()
-        if latest is not None:
-            resume_meta = checkpoints.read_meta(latest)
-            check_compatible(resume_meta, objective=objective.name, model=config.model, trainable_signature=sig,
-                             where=os.path.join(ckpt_dir, str(latest)))
-            start = latest
+    if resume_meta is not None:
+        check_compatible(resume_meta, objective=objective.name, model=config.model, trainable_signature=sig,
+                         where=os.path.join(ckpt_dir, str(start)))
     if config.resume and resume_meta is None:
         _log(f"--resume: no complete checkpoint in {ckpt_dir}; starting from step 0")
 
@@ -261,6 +263,7 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
                             random_flip=config.random_flip, interpolation=config.interpolation)
     state = steps.init_state(sc, trainable, config.seed)
     state = jax.tree.map(lambda x: place(x, layout.param(np.shape(x))), state)
+    master_frozen = frozen  # what OUT/final is written from (the step may get a bf16 copy)
     frozen = steps.cast_floating(frozen, sc.compute_dtype) if sc.mixed_precision != "no" else frozen
     frozen = layout.put_params(frozen)
     if resume_meta is not None:
@@ -273,15 +276,17 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
     if checkpoints is None:
         checkpoints = Checkpoints(config.out, every=config.save_every, keep=config.keep)
     metrics = _Metrics(config.out, start, config.log_every)
-    atomic_write_text(os.path.join(config.out, "train_config.json"), json.dumps(_describe(config, resolution), indent=2))
+    atomic_write_text(os.path.join(config.out, "train_config.json"),
+                      json.dumps(_describe(config, resolution), indent=2))
 
-    validation = _Validation(config, objective, pipe, source, resolution, metrics) if config.validation_prompts else None
+    validation = None
+    if config.validation_prompts:
+        validation = _Validation(config, objective, pipe, source, resolution, metrics)
     if validation is not None and start == 0:
         validation.run(0, state, frozen)
 
-    first = objective.collate(iterator.next_batch())
-    step_fn = steps.compile_step(objective, sc, layout, state, frozen, first)
-    pending = first
+    pending = objective.collate(iterator.next_batch()) if start < sc.steps else None
+    step_fn = None if pending is None else steps.compile_step(objective, sc, layout, state, frozen, pending)
     bar = _progress_bar(config, start, sc.steps)
     meta = {"objective": objective.name, "model": config.model, "signature": sig, "seed": config.seed}
     examples = config.batch_size * sc.gradient_accumulation_steps
@@ -316,16 +321,14 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
         checkpoints.close()
 
     final = os.path.join(config.out, "final")
-    _save_final(objective, pipe, _final_params(objective, state, frozen, sc), final)
+    _save_final(objective, pipe, _final_params(objective, state, master_frozen), final)
     return final
 
 
-def _final_params(objective, state, frozen, sc: StepConfig):
-    from unclip_jax.training.step import cast_floating  # noqa: PLC0415
-
+def _final_params(objective, state, frozen):
+    """The EMA (or the trained params, without one) merged into the untouched frozen params."""
     trained = state.ema if state.ema is not None else state.trainable
-    params = objective.merge(trained, frozen)
-    return params if sc.mixed_precision == "no" else cast_floating(params, np.float32)
+    return objective.merge(trained, frozen)
 
 
 def _save_final(objective, pipe, params, final: str) -> None:
