@@ -75,6 +75,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     o.add_argument("--remat", "--gradient-checkpointing", dest="remat", action="store_true",
                    help="rematerialise UNet and prior blocks in the backward pass (less memory)")
     o.add_argument("--fsdp", type=int, default=1, metavar="N", help="shard params over groups of N devices (1)")
+    o.add_argument("--distributed", action="store_true",
+                   help="several hosts: call jax.distributed.initialize() first (start every process with the "
+                        "same arguments; on SLURM or a Cloud TPU pod the processes find each other)")
 
     j = p.add_argument_group("objective")
     j.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting (off)")
@@ -143,5 +146,10 @@ def run(args) -> int:
     """Runs the parsed `train` command; prints OUT/final on stdout."""
     from unclip_jax.training.loop import train  # noqa: PLC0415
 
-    print(train(config_from_args(args)))
+    config = config_from_args(args)  # bad option values fail here, before any process waits for its peers
+    if args.distributed:
+        import jax  # noqa: PLC0415
+
+        jax.distributed.initialize()
+    print(train(config))
     return 0

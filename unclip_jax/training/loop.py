@@ -172,9 +172,13 @@ def write_grid(images: np.ndarray, path: str) -> np.ndarray:
 
 
 class _Metrics:
-    """metrics.jsonl (appended and flushed per step) and TensorBoard."""
+    """metrics.jsonl (appended and flushed per step) and TensorBoard; written by process 0 only."""
 
-    def __init__(self, out: str, start: int, log_every: int):
+    def __init__(self, out: str, start: int, log_every: int, primary: bool = True):
+        self.primary = primary
+        self.tb = self.file = None
+        if not primary:
+            return
         self.path = os.path.join(out, METRICS)
         truncate_metrics(self.path, start)
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
@@ -188,6 +192,8 @@ class _Metrics:
             self.tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start + 1 if start else None)
 
     def write(self, row: dict) -> None:
+        if not self.primary:
+            return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.tb is not None and row["step"] % self.log_every == 0:
@@ -200,7 +206,8 @@ class _Metrics:
             self.tb.add_image("validation", grid, step, dataformats="HWC")
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -275,15 +282,17 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
     os.makedirs(config.out, exist_ok=True)
     if checkpoints is None:
         checkpoints = Checkpoints(config.out, every=config.save_every, keep=config.keep)
-    metrics = _Metrics(config.out, start, config.log_every)
-    atomic_write_text(os.path.join(config.out, "train_config.json"),
-                      json.dumps(_describe(config, resolution), indent=2))
+    primary = jax.process_index() == 0
+    metrics = _Metrics(config.out, start, config.log_every, primary)
+    if primary:
+        atomic_write_text(os.path.join(config.out, "train_config.json"),
+                          json.dumps(_describe(config, resolution), indent=2))
 
     validation = None
     if config.validation_prompts:
         validation = _Validation(config, objective, pipe, source, resolution, metrics)
     if validation is not None and start == 0:
-        validation.run(0, state, frozen)
+        validation.run(0, state, master_frozen)
 
     pending = objective.collate(iterator.next_batch()) if start < sc.steps else None
     step_fn = None if pending is None else steps.compile_step(objective, sc, layout, state, frozen, pending)
@@ -307,12 +316,12 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
                 checkpoints.save(n, state, {**meta, "step": n, "data": iterator.state()})
             if validation is not None and config.validation_every and n % config.validation_every == 0 \
                     and n != sc.steps:
-                validation.run(n, state, frozen)
+                validation.run(n, state, master_frozen)
             if bar is not None:
                 bar.set_postfix(loss=f"{out['loss']:.4f}", refresh=False)
                 bar.update(1)
         if validation is not None and start < sc.steps:
-            validation.run(sc.steps, state, frozen)
+            validation.run(sc.steps, state, master_frozen)
         checkpoints.wait()
     finally:
         if bar is not None:
@@ -321,7 +330,8 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
         checkpoints.close()
 
     final = os.path.join(config.out, "final")
-    _save_final(objective, pipe, _final_params(objective, state, master_frozen), final)
+    if primary:
+        _save_final(objective, pipe, _final_params(objective, state, master_frozen), final)
     return final
 
 
@@ -368,8 +378,9 @@ class _Validation:
         images = _validation_images(self.pipe, params, self.config.validation_prompts,
                                     key=jax.random.key(self.config.seed), resolution=self.resolution,
                                     steps=self.config.validation_steps, image=self.image)
-        path = os.path.join(self.config.out, "validation", f"step-{step:06d}.png")
-        self.metrics.image(write_grid(images, path), step)
+        if self.metrics.primary:
+            path = os.path.join(self.config.out, "validation", f"step-{step:06d}.png")
+            self.metrics.image(write_grid(images, path), step)
 
 
 def _progress_bar(config: RunConfig, start: int, total: int):
