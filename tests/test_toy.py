@@ -196,9 +196,15 @@ def test_initial_folders_load(initial):
     # The counts the module docstring states, and the shipped size the issue allows.
     assert count["unet"] == 1_491_332 and depth["unet"] == 1_466_788 and count["prior"] == 222_112
     assert 2 * (sum(count.values()) + sum(depth.values())) < 25e6
-    # The decoder's and depth model's text encoders are the prior's CLIP text tower without projection.
-    for text in (params["text_encoder"], params_depth["text_encoder"]):
-        for a, b in zip(jax.tree.leaves(text), jax.tree.leaves(params["prior_text_encoder"]["text_model"])):
+    # One text tower: the prior's is the decoder's with an identity projection, the depth model's the same.
+    for text in (params["prior_text_encoder"], params_depth["text_encoder"]):
+        assert jax.tree.structure(text["text_model"]) == jax.tree.structure(params["text_encoder"]["text_model"])
+        for a, b in zip(jax.tree.leaves(text["text_model"]), jax.tree.leaves(params["text_encoder"]["text_model"])):
             np.testing.assert_array_equal(a, b)
-    assert set(params["prior_text_encoder"]) == {"text_model", "text_projection"}
+    np.testing.assert_array_equal(params["prior_text_encoder"]["text_projection"]["kernel"], np.eye(32))
+    ids = pipe.tokenizer(["a red circle on a blue background"], padding="max_length", max_length=77,
+                         return_tensors="np").input_ids
+    pooled = pipe.text_encoder.apply({"params": params["text_encoder"]}, ids).pooler_output
+    projected = pipe.prior_text_encoder.apply({"params": params["prior_text_encoder"]}, ids)
+    np.testing.assert_allclose(np.asarray(projected.embeds), np.asarray(pooled), rtol=1e-5, atol=1e-6)
     assert init.CONFIGS["unclip"][1]["vae"] is init.CONFIGS["depth2img"][1]["vae"]
