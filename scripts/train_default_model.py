@@ -8,7 +8,9 @@ issue 17 (`unclip-jax train decoder|prior|depth|lora|textual-inversion|clip --mo
 anything is trained it checks that the installed CLI offers every objective it needs, and stops naming
 the missing ones: two stages need objectives that issue 17 does not list, `vae` (the small VAE's
 reconstruction + KL objective) and `dpt` (the DPT regressed on the scenes' depth maps, MiDaS's
-scale-and-shift-invariant loss); they are the work left for the session that trains. Step counts below are
+scale-and-shift-invariant loss). Both are written and tested in unclip_jax/toy/objectives.py against the
+training contract (`build_vae`, `build_dpt`); registering them in unclip_jax.training.objectives is what
+is left before this script can run. Step counts below are
 estimates for 2 CPU cores, chosen so the whole run stays within issue 18's 2 hours; re-time them with the
 first real run and record the runtime (the script writes WORK/timings.json).
 
@@ -65,13 +67,14 @@ DATASETS = {"shapes": dict(count=16384, depth=False), "depth": dict(count=4096, 
             "heldout": dict(count=512, depth=False, held_out=True)}
 # Flags of every training stage: a short warm-up, and an EMA that follows a short run (the default decay
 # 0.9999 would leave the final EMA params near the initial ones after a few thousand steps).
-COMMON_FLAGS = ["--lr-scheduler", "constant_with_warmup", "--lr-warmup-steps", "200", "--ema-decay", "0.999",
+COMMON_FLAGS = ["--resolution", "64", "--center-crop", "--lr-scheduler", "constant_with_warmup", "--lr-warmup-steps", "200", "--ema-decay", "0.999",
                 "--save-every", "500", "--validation-prompt", "a red circle on a blue background"]
 # Per stage: conditioning dropout for classifier-free guidance; the prior's target embedding comes from
 # the image encoder in the same folder ({stage} is WORK/stage).
 FLAGS = {"prior": ["--image-encoder", "{stage}/unclip", "--text-dropout", "0.1"],
          "decoder": ["--text-dropout", "0.1", "--image-dropout", "0.1"],
-         "depth": ["--text-dropout", "0.1"]}
+         "dpt": ["--depth-column", "depth_file_name"],
+         "depth": ["--text-dropout", "0.1", "--depth-column", "depth_file_name"]}
 
 
 def train_objectives() -> set[str] | None:
