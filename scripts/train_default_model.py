@@ -108,14 +108,20 @@ def stage_data(work: str, seed: int) -> None:
                       **spec)
 
 
+def training_arguments(name: str, work: str, seed: int) -> list[str]:
+    """The `unclip-jax` arguments of training stage `name` (without --resume)."""
+    folder, data, _, args = TRAINING[name]
+    return ["train", name, "--model", os.path.join(work, "stage", folder), "--data", os.path.join(work, "data", data),
+            "--out", os.path.join(work, "runs", name), "--steps", str(args["steps"]),
+            "--batch-size", str(args["batch_size"]), "--learning-rate", str(args["learning_rate"]),
+            "--seed", str(seed), *COMMON_FLAGS,
+            *(flag.format(stage=os.path.join(work, "stage")) for flag in FLAGS.get(name, []))]
+
+
 def stage_training(name: str, work: str, seed: int, dry_run: bool) -> None:
-    folder, data, trains, args = TRAINING[name]
+    folder, _, trains, _ = TRAINING[name]
     out = os.path.join(work, "runs", name)
-    cmd = [sys.executable, "-m", "unclip_jax.cli", "train", name, "--model", os.path.join(work, "stage", folder),
-           "--data", os.path.join(work, "data", data), "--out", out, "--steps", str(args["steps"]),
-           "--batch-size", str(args["batch_size"]), "--learning-rate", str(args["learning_rate"]),
-           "--seed", str(seed), *COMMON_FLAGS]
-    cmd += [flag.format(stage=os.path.join(work, "stage")) for flag in FLAGS.get(name, [])]
+    cmd = [sys.executable, "-m", "unclip_jax.cli", *training_arguments(name, work, seed)]
     if os.path.isdir(out):
         cmd.append("--resume")
     print("$", " ".join(cmd), flush=True)
@@ -143,9 +149,12 @@ def set_vae_scaling_factor(work: str, count: int = 1024) -> None:
     from unclip_jax.toy.domain import draw
 
     pipe, params = StableUnCLIPImg2ImgPipeline.from_pretrained(os.path.join(work, "stage", "unclip"))
-    images = np.stack([draw(0, i)[0] for i in range(count)]).astype(np.float32) / 127.5 - 1.0
-    latents = pipe.vae.apply({"params": params["vae"]}, images, method=pipe.vae.encode).mean
-    factor = float(1.0 / np.std(np.asarray(jax.device_get(latents))))
+    encode = jax.jit(lambda p, x: pipe.vae.apply({"params": p}, x, method=pipe.vae.encode).mean)
+    latents = []
+    for start in range(0, count, 128):
+        images = np.stack([draw(0, i)[0] for i in range(start, min(start + 128, count))])
+        latents.append(np.asarray(encode(params["vae"], images.astype(np.float32) / 127.5 - 1.0)))
+    factor = float(1.0 / np.std(np.concatenate(latents)))
     for folder in ("unclip", "depth2img"):
         path = os.path.join(work, "stage", folder, "vae", "config.json")
         with open(path) as f:
@@ -203,7 +212,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", required=True, help="working folder (datasets, runs, stage, export)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
-    parser.add_argument("--dry-run", action="store_true", help="print the training commands, train nothing")
+    parser.add_argument("--dry-run", action="store_true", help="print the training commands; run no stage")
     args = parser.parse_args(argv)
     stages = args.only or STAGES
     needed = {s for s in stages if s in TRAINING}
@@ -219,6 +228,8 @@ def main(argv=None) -> int:
     os.makedirs(work, exist_ok=True)
     timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {}
     for stage in stages:
+        if args.dry_run and stage not in TRAINING:
+            continue
         start = time.time()
         if stage == "data":
             stage_data(work, args.seed)

@@ -309,3 +309,36 @@ def test_vae_loss_trains():
         params, state, loss = step(params, state)
         losses.append(float(loss))
     assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0], losses
+
+
+def _training_script():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                        "train_default_model.py")
+    spec = importlib.util.spec_from_file_location("train_default_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_script_commands(tmp_path, capsys):
+    script = _training_script()
+    assert script.main(["--work", str(tmp_path), "--dry-run"]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert [line.split()[5] for line in printed] == list(script.TRAINING)  # "$ python -m unclip_jax.cli train NAME"
+    assert not os.path.exists(tmp_path / "data")  # a dry run writes nothing but timings.json
+    # Every stage's arguments parse with the CLI's own parser, for the objectives it offers.
+    from unclip_jax import cli
+
+    import argparse
+
+    parser = cli.parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if "train" not in commands:
+        pytest.skip("no `unclip-jax train` command yet")
+    offered = set(next(a for a in commands["train"]._actions if a.dest == "objective").choices)
+    for name in script.TRAINING:
+        if name in offered:
+            args = parser.parse_args(script.training_arguments(name, str(tmp_path), 0))
+            assert args.objective == name and args.steps == script.TRAINING[name][3]["steps"]
