@@ -8,7 +8,9 @@ issue 17 (`unclip-jax train decoder|prior|depth|lora|textual-inversion|clip --mo
 anything is trained it checks that the installed CLI offers every objective it needs, and stops naming
 the missing ones: two stages need objectives that issue 17 does not list, `vae` (the small VAE's
 reconstruction + KL objective) and `dpt` (the DPT regressed on the scenes' depth maps, MiDaS's
-scale-and-shift-invariant loss); they are the work left for the session that trains. Step counts below are
+scale-and-shift-invariant loss). Both are written and tested in unclip_jax/toy/objectives.py against the
+training contract (`build_vae`, `build_dpt`); registering them in unclip_jax.training.objectives is what
+is left before this script can run. Step counts below are
 estimates for 2 CPU cores, chosen so the whole run stays within issue 18's 2 hours; re-time them with the
 first real run and record the runtime (the script writes WORK/timings.json).
 
@@ -17,8 +19,9 @@ Stages (each resumable: a stage whose output exists is skipped; `--only` runs th
   data      WORK/data/shapes (16,384 flat pictures), WORK/data/depth (4,096 depth scenes, .npy maps),
             WORK/data/heldout (512 flat pictures of the held-out combinations, for evaluation only)
   init      WORK/stage: the random-weight initial folders (unclip_jax.toy.init.write_initial)
-  clip      contrastive CLIP on the shapes: the prior's text tower (with projection) and the vision
-            tower; then the tower is copied into the decoders' text encoders (init.tie_text_encoders)
+  clip      contrastive CLIP on the shapes: StableUnCLIPImg2ImgPipeline's text_encoder and image_encoder;
+            then the text tower is copied into the prior's text encoder (identity projection: the text
+            width is the embedding width) and the depth model's (init.tie_text_encoders)
   stats     the image normalizer's and the prior's embedding mean/std from 4,096 pictures
             (init.set_embedding_stats)
   vae       the VAE on the shapes and the depth scenes; then its latents' scaling factor (1 / std)
@@ -50,7 +53,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 # sizes are estimates for <= 2 h in all on 2 CPU cores (seconds per step guessed from the model sizes in
 # unclip_jax/toy/init.py; the sum of the estimates is ~95 minutes).
 TRAINING = {
-    "clip": ("unclip", "shapes", ("prior_text_encoder", "image_encoder"),
+    # The clip objective trains StableUnCLIPImg2ImgPipeline's text_encoder and image_encoder.
+    "clip": ("unclip", "shapes", ("text_encoder", "image_encoder"),
              dict(steps=3000, batch_size=128, learning_rate=1e-3)),  # ~0.1 s/step: 5 min
     "vae": ("unclip", "shapes", ("vae",), dict(steps=2000, batch_size=32, learning_rate=1e-3)),  # ~0.3 s: 10 min
     "prior": ("unclip", "shapes", ("prior",), dict(steps=4000, batch_size=128, learning_rate=3e-4)),  # 4 min
@@ -61,16 +65,26 @@ TRAINING = {
 STAGES = ("data", "init", "clip", "stats", "vae", "prior", "decoder", "dpt", "depth", "export")
 DATASETS = {"shapes": dict(count=16384, depth=False), "depth": dict(count=4096, depth=True),
             "heldout": dict(count=512, depth=False, held_out=True)}
-# Objective options (issue 17's training contract) per stage, passed as --option flags.
-OPTIONS = {"prior": {"image-encoder": "{stage}/unclip/image_encoder"}, "decoder": {"noise-level-max": "1000"}}
+# Flags of every training stage: a short warm-up, and an EMA that follows a short run (the default decay
+# 0.9999 would leave the final EMA params near the initial ones after a few thousand steps).
+COMMON_FLAGS = ["--resolution", "64", "--center-crop", "--lr-scheduler", "constant_with_warmup", "--lr-warmup-steps", "200", "--ema-decay", "0.999",
+                "--save-every", "500", "--validation-prompt", "a red circle on a blue background"]
+# Per stage: conditioning dropout for classifier-free guidance; the prior's target embedding comes from
+# the image encoder in the same folder ({stage} is WORK/stage).
+FLAGS = {"prior": ["--image-encoder", "{stage}/unclip", "--text-dropout", "0.1"],
+         "decoder": ["--text-dropout", "0.1", "--image-dropout", "0.1"],
+         "dpt": ["--depth-column", "depth_file_name"],
+         "depth": ["--text-dropout", "0.1", "--depth-column", "depth_file_name"]}
 
 
 def train_objectives() -> set[str] | None:
-    """The objectives `unclip-jax train` offers, from its --help (None: no train command at all)."""
+    """The objectives `unclip-jax train` offers: the choices `{a,b,...}` of its usage line (None: no
+    train command at all)."""
     run = subprocess.run([sys.executable, "-m", "unclip_jax.cli", "train", "--help"], capture_output=True, text=True)
-    if run.returncode != 0:
+    if run.returncode != 0 or "{" not in run.stdout:
         return None
-    return {name for name in ("clip", "vae", "prior", "decoder", "dpt", "depth") if name in run.stdout}
+    choices = run.stdout[run.stdout.index("{") + 1:]
+    return set(choices[:choices.index("}")].split(","))
 
 
 def adopt(final: str, stage_folder: str, names: tuple[str, ...]) -> None:
@@ -94,17 +108,22 @@ def stage_data(work: str, seed: int) -> None:
                       **spec)
 
 
+def training_arguments(name: str, work: str, seed: int) -> list[str]:
+    """The `unclip-jax` arguments of training stage `name` (without --resume)."""
+    folder, data, _, args = TRAINING[name]
+    return ["train", name, "--model", os.path.join(work, "stage", folder), "--data", os.path.join(work, "data", data),
+            "--out", os.path.join(work, "runs", name), "--steps", str(args["steps"]),
+            "--batch-size", str(args["batch_size"]), "--learning-rate", str(args["learning_rate"]),
+            "--seed", str(seed), *COMMON_FLAGS,
+            *(flag.format(stage=os.path.join(work, "stage")) for flag in FLAGS.get(name, []))]
+
+
 def stage_training(name: str, work: str, seed: int, dry_run: bool) -> None:
-    folder, data, trains, args = TRAINING[name]
+    folder, _, trains, _ = TRAINING[name]
     out = os.path.join(work, "runs", name)
-    cmd = [sys.executable, "-m", "unclip_jax.cli", "train", name, "--model", os.path.join(work, "stage", folder),
-           "--data", os.path.join(work, "data", data), "--out", out, "--steps", str(args["steps"]),
-           "--batch-size", str(args["batch_size"]), "--learning-rate", str(args["learning_rate"]),
-           "--seed", str(seed), "--save-every", "500"]
+    cmd = [sys.executable, "-m", "unclip_jax.cli", *training_arguments(name, work, seed)]
     if os.path.isdir(out):
         cmd.append("--resume")
-    for key, value in OPTIONS.get(name, {}).items():
-        cmd += [f"--{key}", value.format(stage=os.path.join(work, "stage"))]
     print("$", " ".join(cmd), flush=True)
     if dry_run:
         return
@@ -113,8 +132,7 @@ def stage_training(name: str, work: str, seed: int, dry_run: bool) -> None:
     if name == "clip":
         from unclip_jax.toy.init import tie_text_encoders
 
-        unclip = os.path.join(work, "stage", "unclip")
-        tie_text_encoders(unclip, [unclip, os.path.join(work, "stage", "depth2img")])
+        tie_text_encoders(os.path.join(work, "stage", "unclip"), os.path.join(work, "stage", "depth2img"))
     if name == "vae":
         shutil.rmtree(os.path.join(work, "stage", "depth2img", "vae"))
         shutil.copytree(os.path.join(work, "stage", "unclip", "vae"), os.path.join(work, "stage", "depth2img", "vae"))
@@ -131,9 +149,12 @@ def set_vae_scaling_factor(work: str, count: int = 1024) -> None:
     from unclip_jax.toy.domain import draw
 
     pipe, params = StableUnCLIPImg2ImgPipeline.from_pretrained(os.path.join(work, "stage", "unclip"))
-    images = np.stack([draw(0, i)[0] for i in range(count)]).astype(np.float32) / 127.5 - 1.0
-    latents = pipe.vae.apply({"params": params["vae"]}, images, method=pipe.vae.encode).mean
-    factor = float(1.0 / np.std(np.asarray(jax.device_get(latents))))
+    encode = jax.jit(lambda p, x: pipe.vae.apply({"params": p}, x, method=pipe.vae.encode).mean)
+    latents = []
+    for start in range(0, count, 128):
+        images = np.stack([draw(0, i)[0] for i in range(start, min(start + 128, count))])
+        latents.append(np.asarray(encode(params["vae"], images.astype(np.float32) / 127.5 - 1.0)))
+    factor = float(1.0 / np.std(np.concatenate(latents)))
     for folder in ("unclip", "depth2img"):
         path = os.path.join(work, "stage", folder, "vae", "config.json")
         with open(path) as f:
@@ -191,7 +212,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", required=True, help="working folder (datasets, runs, stage, export)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
-    parser.add_argument("--dry-run", action="store_true", help="print the training commands, train nothing")
+    parser.add_argument("--dry-run", action="store_true", help="print the training commands; run no stage")
     args = parser.parse_args(argv)
     stages = args.only or STAGES
     needed = {s for s in stages if s in TRAINING}
@@ -207,6 +228,8 @@ def main(argv=None) -> int:
     os.makedirs(work, exist_ok=True)
     timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {}
     for stage in stages:
+        if args.dry_run and stage not in TRAINING:
+            continue
         start = time.time()
         if stage == "data":
             stage_data(work, args.seed)

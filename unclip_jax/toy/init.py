@@ -14,10 +14,10 @@
 Sizes (pictures 64 x 64, VAE factor 4, latents 16 x 16 x 4, CLIP embeddings of 32):
 
   component            what                                                            params
-  text towers          CLIP text, 3 layers of 32 (4 heads), the real 49,408-token BPE   1,622,720
-                       (almost all of it the token table); the prior's copy has the
-                       projection, the decoder's and the depth model's copies are the    1,621,696
-                       same weights without it (three copies are shipped)                  (x 2)
+  text towers          CLIP text, 3 layers of 32 (4 heads), the real 49,408-token BPE   1,621,696
+                       (almost all of it the token table), three copies of one tower:      (x 2)
+                       the decoder's, the depth model's, and the prior's, which adds a   1,622,720
+                       32 x 32 projection
   image_encoder        CLIP ViT, 64 px, patches of 8, 3 layers of 64                       168,768
   prior                PriorTransformer, 4 layers of 64 (4 heads of 16), embeddings of 32  222,112
   image_normalizer     mean and std of the image embedding                                      64
@@ -32,8 +32,9 @@ In all 10,231,559 params: 20.5 MB in fp16 (the issue's limit: 25 MB). `parameter
 the counts from the abstract params (nothing is initialised); `shipped_bytes()` the total.
 
 Choices the training plan (scripts/train_default_model.py) relies on: the text towers of the three
-places share one trained CLIP text tower (the decoder's and depth model's text encoders are frozen
-copies, as Stable unCLIP freezes its text encoder); the decoder's and the depth model's VAE are the
+places share one trained CLIP text tower (the clip objective trains the decoder's `text_encoder` with the
+`image_encoder`; `tie_text_encoders` copies it to the prior's, with an identity projection, and to the
+depth model's; the decoders keep it frozen, as Stable unCLIP does); the decoder's and the depth model's VAE are the
 same VAE; the decoder samples with v-prediction like stable-diffusion-2-1-unclip, the depth model with
 epsilon like stable-diffusion-2-depth.
 """
@@ -226,19 +227,29 @@ def write_initial(folder: str, seed: int = 0) -> str:
         for i, (name, (cls, configs)) in enumerate(CONFIGS.items()):
             write_pipeline(os.path.join(tmp, name), cls, configs, tokenizers=TOKENIZERS[name],
                            processors=PROCESSORS[name], seed=seed + i, positive=_POSITIVE)
-        tie_text_encoders(os.path.join(tmp, "unclip"), [os.path.join(tmp, "unclip"), os.path.join(tmp, "depth2img")])
+        tie_text_encoders(os.path.join(tmp, "unclip"), os.path.join(tmp, "depth2img"))
     return folder
 
 
-def tie_text_encoders(source: str, targets: list[str]) -> None:
-    """Copies the CLIP text tower of `source`'s prior_text_encoder (without its projection) into the
-    `text_encoder` of each target pipeline folder (the step after CLIP training, and at initialisation)."""
+def tie_text_encoders(unclip: str, depth2img: str | None = None) -> None:
+    """Makes the text towers one: copies the `text_encoder` of the pipeline folder `unclip` (the tower
+    the clip objective trains, with StableUnCLIPImg2ImgPipeline) into its `prior_text_encoder`, with an
+    identity text projection (the contrastive objective compares the pooled text output, whose width is
+    the embedding width, with the image embedding), and into the `text_encoder` of `depth2img`. Run at
+    initialisation and after CLIP training."""
     from unclip_jax.weights.orbax_io import ORBAX_DIR, restore_params, saved_structure  # noqa: PLC0415
 
-    prior_text = restore_params(os.path.join(source, "prior_text_encoder", ORBAX_DIR))
-    for target in targets:
-        sub = os.path.join(target, "text_encoder")
-        replace_params(sub, _select(prior_text, saved_structure(os.path.join(sub, ORBAX_DIR)), sub))
+    tower = restore_params(os.path.join(unclip, "text_encoder", ORBAX_DIR))
+    prior_dir = os.path.join(unclip, "prior_text_encoder")
+    want = saved_structure(os.path.join(prior_dir, ORBAX_DIR))
+    shape = tuple(want["text_projection"]["kernel"].shape)
+    if shape[0] != shape[1]:
+        raise ValueError(f"{prior_dir}: a text projection of {shape} cannot be the identity; the text width "
+                         "must equal the embedding width")
+    projection = {"kernel": np.eye(shape[0], dtype=want["text_projection"]["kernel"].dtype)}
+    replace_params(prior_dir, {"text_model": tower["text_model"], "text_projection": projection})
+    if depth2img is not None:
+        replace_params(os.path.join(depth2img, "text_encoder"), tower)
 
 
 def replace_params(component: str, params) -> None:
