@@ -263,3 +263,27 @@ def test_check_tree_names_every_mismatch_with_shapes():
     from unclip_jax.weights import safetensors_io
     assert unclip_jax.ConversionError is ConversionError and safetensors_io.CheckpointError is CheckpointError
     assert issubclass(ConversionError, ValueError) and issubclass(CheckpointError, ValueError)
+
+
+def test_one_loader_for_orbax_and_pytorch(tiny_text, tmp_path):
+    """load_component reads a folder's orbax params when it has them (checked against the config with the
+    same check, cast to `param_dtype` when asked), else its PyTorch weights."""
+    _, folder = tiny_text
+    module, params = load_component(str(folder))
+    comp = tmp_path / "orbax_text"
+    comp.mkdir()
+    shutil.copy(folder / "config.json", comp / "config.json")
+    save_params(str(comp / "orbax_params"), params)
+    _, back = load_component(str(comp))
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+    _, half = load_component(str(comp), param_dtype=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(half)} == {jnp.dtype(jnp.bfloat16)}
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(jnp.bfloat16)),
+                 half, params)
+    # A config that no longer fits the saved params: the mismatch names the paths, before any data is read.
+    cfg = json.loads((comp / "config.json").read_text())
+    cfg["intermediate_size"] = 20
+    (comp / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match="the saved params do not match the model") as e:
+        load_component(str(comp))
+    assert "text_model/encoder/layers_0/mlp/fc1/kernel (16, 24), expected (16, 20)" in e.value.misshaped
