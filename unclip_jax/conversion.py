@@ -99,7 +99,8 @@ def convert_component(src: str, dst: str, *, dtype: str = "fp32", variant: str |
     Tensors are read from the memory-mapped checkpoint and cast one at a time, and the params are
     dropped once written: peak memory is about two copies of this component's weights.
     """
-    _, params = load_component(src, param_dtype=DTYPES[dtype], variant=variant, architecture=architecture)
+    _, params = load_component(src, param_dtype=DTYPES[dtype], variant=variant, architecture=architecture,
+                               orbax=False)
     save_params(os.path.join(dst, ORBAX_DIR), params)
 
 

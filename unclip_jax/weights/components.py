@@ -128,6 +128,7 @@ def load_component(
     architecture: str | None = None,
     sharding: ShardingSpec | None = None,
     name: str | None = None,
+    orbax: bool = True,
 ):
     """Reads `folder`'s config and params (orbax if the folder has them, else PyTorch weights);
     returns (module, params).
@@ -141,6 +142,7 @@ def load_component(
       sharding: where the params go (see `PipelineBase.from_pretrained`); orbax params are read
         straight into it, converted ones are placed after conversion.
       name: the component's name given to a callable `sharding` (default: the folder's name).
+      orbax: False reads the PyTorch weights even where the folder has orbax params (conversion).
     Raises CheckpointError naming the file at fault, ConversionError listing every missing,
     unexpected and mis-shaped tensor; both before any param data is read.
     """
@@ -150,7 +152,7 @@ def load_component(
     # Every file is checked (config parsed, safetensors headers or orbax metadata read) before model work.
     config = read_config(folder)
     saved = os.path.join(folder, ORBAX_DIR)
-    if os.path.isdir(saved):
+    if orbax and os.path.isdir(saved):
         structure = saved_structure(saved)
         built = build(config, dtype, architecture, folder)
         check_tree(structure, abstract_params(built.module, *built.dummy_inputs), folder, source="saved params")
