@@ -69,6 +69,25 @@ def test_overwrite_refuses_anything_but_a_pipeline_folder_before_any_work(tmp_pa
     assert _snapshot(tmp_path) == before  # nothing moved, deleted, or left behind
 
 
+def test_save_pretrained_overwrites_only_a_pipeline_folder(tmp_path):
+    from unclip_jax.pipelines.loading import PipelineBase
+
+    class Empty(PipelineBase):
+        COMPONENTS = ()
+
+    out = tmp_path / "out"
+    _make("folder with user files", out)
+    before = _snapshot(tmp_path)
+    with pytest.raises(FileExistsError, match="a folder without model_index.json"):
+        Empty().save_pretrained(str(out), {}, overwrite=True)
+    with pytest.raises(FileExistsError, match="already exists \\(pass overwrite=True to replace it\\)"):
+        Empty().save_pretrained(str(out), {})
+    assert _snapshot(tmp_path) == before
+    Empty().save_pretrained(str(tmp_path / "saved"), {})
+    Empty().save_pretrained(str(tmp_path / "saved"), {}, overwrite=True)
+    assert sorted(os.listdir(tmp_path / "saved")) == ["model_index.json"]
+
+
 def test_overwrite_replaces_a_pipeline_folder_and_leaves_nothing_else(tmp_path):
     out = tmp_path / "out"
     _pipeline_folder(out)
