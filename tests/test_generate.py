@@ -122,20 +122,21 @@ def test_draws_are_per_item():
 
 
 def test_images_do_not_depend_on_batch_or_devices(runners):
+    """Two compiled programs: 4 rows on one device, and 8 rows (padded) split over 8 devices, one row each.
+    Batches of 1, 3 and 4 items run through them; every item's image must agree."""
     items, _ = _items(["a red fox", "a blue car", "a lighthouse", "a red fox"])
     items = [runners[1].resolve(it) for it in items]
-    one = np.concatenate([runners[1].run([it], pad_to=1) for it in items])
-    three = np.concatenate([runners[1].run(items[:3], pad_to=3), runners[1].run(items[3:], pad_to=3)])
+    four = runners[1].run(items, pad_to=4)
+    three = np.concatenate([runners[1].run(items[:3], pad_to=4), runners[1].run(items[3:], pad_to=4)])
+    one_on_8 = np.concatenate([runners[8].run([it], pad_to=1) for it in items])
     four_on_8 = runners[8].run(items, pad_to=4)
-    one_on_8 = runners[8].run(items[:1], pad_to=1)
-    assert one.shape == (4, 32, 32, 3)
-    for other in (three, four_on_8):
-        assert np.abs(other - one).max() <= TOL
-    assert np.abs(one_on_8[0] - one[0]).max() <= TOL
-    # Not vacuous: items 0 and 3 share a prompt but not a seed.
-    assert np.abs(one[0] - one[3]).max() > 1e-2
-    same_seed = runners[1].run([items[3].__class__(9, 0, items[3].args)], pad_to=1)
-    assert np.abs(same_seed[0] - one[0]).max() <= TOL  # prompt + seed decide, not the index
+    assert four.shape == (4, 32, 32, 3)
+    for other in (three, one_on_8, four_on_8):
+        assert np.abs(other - four).max() <= TOL
+    # Not vacuous: items 0 and 3 share a prompt but not a seed; an item's index does not matter, its seed does.
+    assert np.abs(four[0] - four[3]).max() > 1e-2
+    moved = runners[8].run([gi.Item(9, 0, items[3].args)], pad_to=1)
+    assert np.abs(moved[0] - four[0]).max() <= TOL
 
 
 def test_depth2img_does_not_depend_on_batch_or_devices(tiny_dirs, tmp_path):
@@ -151,13 +152,13 @@ def test_depth2img_does_not_depend_on_batch_or_devices(tiny_dirs, tmp_path):
     defaults = dict(TXT2IMG, strength=1.0)
     items, errors = _items(lines, pipeline="depth2img", defaults=defaults, tmp_path=tmp_path)
     assert not errors
-    r1 = BatchRunner(pipe, params, "depth2img", mesh=make_mesh(devices=jax.devices()[:1]))
-    r8 = BatchRunner(pipe, params, "depth2img", mesh=make_mesh())
-    items = [r1.resolve(it) for it in items]
+    runner = BatchRunner(pipe, params, "depth2img", mesh=make_mesh())
+    items = [runner.resolve(it) for it in items]
     images = [load_image(it) for it in items]
-    one = np.concatenate([r1.run([it], [im], pad_to=1) for it, im in zip(items, images)])
-    both_on_8 = r8.run(items, images, pad_to=2)
-    assert np.abs(both_on_8 - one).max() <= TOL
+    # One sampling program (8 rows over 8 devices); depth estimation and VAE encoding see 1 and 2 images.
+    one = np.concatenate([runner.run([it], [im], pad_to=1) for it, im in zip(items, images)])
+    both = runner.run(items, images, pad_to=2)
+    assert np.abs(both - one).max() <= TOL
     assert np.abs(one[0] - one[1]).max() > 1e-2
 
 
@@ -165,7 +166,9 @@ def test_depth2img_does_not_depend_on_batch_or_devices(tiny_dirs, tmp_path):
 
 
 def _env(cache: Path) -> dict:
-    return dict(os.environ, PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(cache),
+    """One CPU device and a compilation cache shared by the runs: each later process compiles nothing."""
+    return dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
@@ -269,9 +272,9 @@ def test_refuses_to_resume_another_run(runners, tmp_path):
     from unclip_jax.generation.run import generate
 
     items, _ = _items(["a"])
-    generate(runners[1], items, out=str(tmp_path), batch_size=1, progress=False, fingerprint={"seed": 0})
+    generate(runners[8], items, out=str(tmp_path), batch_size=1, progress=False, fingerprint={"seed": 0})
     with pytest.raises(ValueError, match="differing: seed"):
-        generate(runners[1], items, out=str(tmp_path), batch_size=1, progress=False, fingerprint={"seed": 1})
+        generate(runners[8], items, out=str(tmp_path), batch_size=1, progress=False, fingerprint={"seed": 1})
 
 
 # ------------------------------------------------------------------------------------------ CLIP score
