@@ -164,9 +164,9 @@ def run(args, progress: bool) -> None:
     from unclip_jax.generation.run import BatchRunner, generate, run_info_of  # noqa: PLC0415
 
     scorer = CLIPScorer.from_pretrained(args.clip_model) if args.clip_model else CLIPScorer.from_pipeline(pipe, params)
-    source = args.prompts if args.dataset_column else os.path.abspath(args.prompts)
-    fingerprint = {"input": source, "seed": args.seed, "defaults": defaults_of(args), "dtype": args.dtype,
-                   "prior": args.prior, "clip_model": args.clip_model,
+    fingerprint = {"input": args.prompts if args.dataset_column else None, "seed": args.seed,
+                   "defaults": defaults_of(args), "dtype": args.dtype, "prior": args.prior,
+                   "clip_model": args.clip_model,
                    "input_sha256": None if args.dataset_column else _file_digest(args.prompts),
                    "dataset": [args.dataset_column, args.image_column, args.split] if args.dataset_column else None}
     summary = generate(BatchRunner(pipe, params, args.pipeline), items, out=args.out, batch_size=args.batch_size,

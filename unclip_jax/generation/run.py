@@ -266,7 +266,8 @@ def generate(runner: BatchRunner, items: list[Item], *, out: str, batch_size: in
         log(f"skipped: {e}")
 
     os.makedirs(out, exist_ok=True)
-    _check_run_file(out, dict(run_info or {}, **(fingerprint or {}), batch_size=batch_size, format=fmt, shard_size=shard_size))
+    _check_run_file(out, dict(run_info or {}, **(fingerprint or {}), batch_size=batch_size, format=fmt,
+                              shard_size=shard_size))
     output.remove_temporaries(out)
     pi, pc = jax.process_index(), jax.process_count()
     index = output.Index(out, pi, pc)
