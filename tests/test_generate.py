@@ -170,8 +170,7 @@ def test_depth2img_does_not_depend_on_batch_or_devices(tiny_dirs, tmp_path):
 def _env(cache: Path) -> dict:
     """One CPU device and a compilation cache shared by the runs: each later process compiles nothing."""
     return dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+                JAX_PLATFORMS="cpu", UNCLIP_JAX_CACHE_DIR=str(cache))
 
 
 def _files(folder: Path) -> dict[str, bytes]:
