@@ -150,7 +150,8 @@ def build_unclip(folder: Path, shape: str = "a") -> Path:
         beta_schedule="squaredcos_cap_v2", prediction_type="sample", num_train_timesteps=1000, clip_sample=True,
         clip_sample_range=5.0, variance_type="fixed_small_log")
     pipe = diffusers.StableUnCLIPPipeline(
-        prior_tokenizer=_tokenizer(_scratch(folder, "prior_tokenizer"), pad="<|endoftext|>"),
+        # Karlo's tokenizer pads with "!" (its special_tokens_map.json), as SD 2's does.
+        prior_tokenizer=_tokenizer(_scratch(folder, "prior_tokenizer"), pad="!"),
         # The prior reads the text tokens at its own width (Karlo: 768 = 768).
         prior_text_encoder=_clip_text(dataclasses.replace(sh, hidden=sh.embed), sh.embed, True, seed=20,
                                       act="quick_gelu"),
@@ -159,7 +160,7 @@ def build_unclip(folder: Path, shape: str = "a") -> Path:
         **_noising(sh.embed, seed=22),
         **_decoder_parts(sh, _scratch(folder, "tokenizer")),
     )
-    return _save(pipe, folder, {"tokenizer": "!", "prior_tokenizer": "<|endoftext|>"})
+    return _save(pipe, folder, {"tokenizer": "!", "prior_tokenizer": "!"})
 
 
 def build_unclip_img2img(folder: Path, shape: str = "a") -> Path:

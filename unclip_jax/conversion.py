@@ -1,6 +1,8 @@
 """Converting a diffusers pipeline (folder or hub repo id) into a `save_pretrained` orbax folder.
 
-The command is `unclip-jax convert SOURCE OUT ...` (unclip_jax/cli/convert.py).
+The command is `unclip-jax convert SOURCE OUT ...` (unclip_jax/cli/convert.py). SOURCE may also be
+Stability's single-file checkpoint (.ckpt / .safetensors in the LDM layout: sd21-unclip-h/-l,
+512-depth-ema), with `config_from` for its configs: see `weights/single_file.py`.
 
 The pipeline class comes from `_class_name` in the source's model_index.json. Components are converted
 one at a time (each model's PyTorch tensors read from the memory-mapped file, transposed and cast one
@@ -50,10 +52,13 @@ def convert_pipeline(
     cache_dir: str | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
+    config_from: str | None = None,
 ) -> str:
-    """Converts the pipeline at `source` (a diffusers folder or hub repo id) into an orbax folder `out`.
+    """Converts the pipeline at `source` (a diffusers folder or hub repo id, or a single-file checkpoint)
+    into an orbax folder `out`.
 
     Args:
+      config_from: for a single file, the diffusers folder or hub id giving configs and missing parts.
       dtype: the saved param dtype, "fp32", "bf16" or "fp16" (each tensor is cast on its own).
       variant, revision, local_files_only, cache_dir: which weights to read, as in `from_pretrained`.
       overwrite: replace an existing `out` if it is a pipeline folder (atomically swapped in at the end);
@@ -66,6 +71,10 @@ def convert_pipeline(
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     disk.check_destination(os.path.abspath(out), overwrite=overwrite, flag="--overwrite")
     where = dict(revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
+    from unclip_jax.weights.single_file import convert_single_file, is_single_file  # noqa: PLC0415
+
+    if is_single_file(source):
+        return convert_single_file(source, out, config=config_from, dtype=dtype, overwrite=overwrite, **where)
     # The pipeline class decides what to fetch, so the index comes first (alone), then its components.
     pipeline = _pipeline_class(disk.read_model_index(resolve(source, (), **where)), source)
     folder = resolve(source, pipeline.COMPONENTS, variant=variant, **where)

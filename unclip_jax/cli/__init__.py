@@ -5,7 +5,8 @@
     unclip-jax variation [PROMPT] --image I --model M    image variations (StableUnCLIPImg2ImgPipeline)
     unclip-jax depth2img PROMPT --image I --model M      depth-preserving image-to-image
     unclip-jax generate PROMPTS --model M --out DIR      many images: resumable, sharded, with CLIP scores
-    unclip-jax convert SOURCE OUT                        a diffusers checkpoint -> an orbax folder
+    unclip-jax convert SOURCE OUT                        a diffusers checkpoint or LDM single file -> an orbax folder
+    unclip-jax export SOURCE OUT                         a pipeline -> a diffusers folder (PyTorch-named safetensors)
     unclip-jax train OBJECTIVE --model M --data D --out O  train a decoder, prior, depth, LoRA, ... (training.command)
 
 One module per command (`add_parser`, an optional `check` that loads no model, `run`), the parsing shared
@@ -22,11 +23,11 @@ import argparse
 import logging
 import sys
 
-from unclip_jax.cli import convert, depth2img, generate, tiny, train, txt2img, variation
+from unclip_jax.cli import convert, depth2img, export, generate, tiny, train, txt2img, variation
 from unclip_jax.cli.parsing import PROG, SCHEDULER_NAMES, OneLineParser, UsageError, scheduler_class
 
 COMMANDS = {"tiny": tiny, "txt2img": txt2img, "variation": variation, "depth2img": depth2img, "generate": generate,
-            "convert": convert, "train": train}
+            "convert": convert, "export": export, "train": train}
 
 __all__ = ["COMMANDS", "PROG", "SCHEDULER_NAMES", "OneLineParser", "UsageError", "main", "parser", "scheduler_class"]
 

@@ -136,15 +136,43 @@ class PipelineBase:
         pipe._source, pipe._index = folder, read_model_index(folder)
         return pipe, params
 
-    def save_pretrained(self, directory: str, params: dict[str, Any], *, overwrite: bool = False) -> None:
-        """Writes configs, tokenizer/processor files and orbax params; loading it needs no torch.
+    @classmethod
+    def from_single_file(cls, path: str, *, config: str | None = None, prediction_type: str | None = None,
+                         dtype=jnp.float32, revision: str | None = None, local_files_only: bool = False,
+                         cache_dir: str | None = None, **components):
+        """(pipeline, params) from Stability's single-file checkpoint (`.ckpt` needs the torch extra;
+        `.safetensors` does not) in the original LDM key layout: sd21-unclip-h/-l or 512-depth-ema.
+
+        Args:
+          config: a diffusers folder or hub id giving the models' configs and what the file lacks
+            (tokenizer, schedulers, processors, an image encoder or depth estimator); default: the hub
+            repo of the kind the file's tensor shapes reveal.
+          prediction_type: the scheduler's (default: v_prediction for unCLIP, epsilon for depth).
+          dtype, revision, local_files_only, cache_dir, **components: as in `from_pretrained`.
+        """
+        from unclip_jax.weights.single_file import load_single_file  # noqa: PLC0415
+
+        return load_single_file(cls, path, config=config, prediction_type=prediction_type, dtype=dtype,
+                                revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
+                                **components)
+
+    def save_pretrained(self, directory: str, params: dict[str, Any], *, overwrite: bool = False,
+                        format: str = "orbax", dtype: str = "fp32", variant: str | None = None) -> None:
+        """Writes configs, tokenizer/processor files and the params: orbax (loading it needs no torch), or
+        with `format="diffusers"` PyTorch-named safetensors that diffusers' `from_pretrained` loads (`dtype`
+        "fp32", "fp16" or "bf16"; `variant` names the files, e.g. `model.fp16.safetensors`; no torch needed).
 
         `directory` must not exist; with `overwrite`, an existing pipeline folder (one with
         model_index.json) is replaced, atomically; anything else there is refused before any work."""
+        from unclip_jax.weights.export import diffusers_writer  # noqa: PLC0415
+
+        if format not in ("orbax", "diffusers"):
+            raise ValueError(f"format must be 'orbax' or 'diffusers'; got {format!r}")
+        writer = diffusers_writer(dtype, variant) if format == "diffusers" else None
         index = {**(self._index or {}), "_class_name": type(self).__name__}
         sources = {n: os.path.join(self._source or "", n) for n in self.COMPONENTS}
         for name, (src, entry) in self._foreign.items():
             sources[name], index[name] = src, entry
         index = {k: v for k, v in index.items() if k.startswith("_") or k in self.COMPONENTS}
         save_pipeline(directory, sources, index, {n: getattr(self, n) for n in self.COMPONENTS}, params,
-                      overwrite=overwrite)
+                      overwrite=overwrite, write_params=writer)

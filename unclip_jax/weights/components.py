@@ -56,7 +56,8 @@ def _clip_vision(projection: bool) -> Callable[[dict, Any], Built]:
 
 def _unet(config: dict, dtype) -> Built:
     c = unet.UNet2DConditionConfig.from_dict(config)
-    return Built(unet.UNet2DConditionModel(c, dtype=dtype), unet.dummy_inputs(c), tables.UNET)
+    return Built(unet.UNet2DConditionModel(c, dtype=dtype), unet.dummy_inputs(c),
+                 tables.UNET if c.use_linear_projection else tables.UNET_CONV_PROJECTION)
 
 
 def _vae(config: dict, dtype) -> Built:

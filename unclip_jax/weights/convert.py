@@ -36,10 +36,16 @@ class Rules:
 
     renames: (regex, replacement) pairs applied in order with `re.sub` to the dotted PyTorch key.
     ignore: regexes (full match) of PyTorch keys that carry no params (buffers).
+    conv_1x1: regexes (full match) of PyTorch keys whose tensor is a 1x1 conv [O, I, 1, 1] where we hold
+      a Dense kernel. Reading knows it from the rank; writing (weights/export.py) needs it.
+    unread_twins: (regex, replacement) pairs for tensors the PyTorch model has but inference never reads
+      (so `ignore` drops them): writing emits each as a copy of the same-shaped tensor whose key matches.
     """
 
     renames: tuple[tuple[str, str], ...] = ()
     ignore: tuple[str, ...] = ()
+    conv_1x1: tuple[str, ...] = ()
+    unread_twins: tuple[tuple[str, str], ...] = ()
     _compiled: tuple = field(default=(), compare=False, repr=False)
 
     def __post_init__(self):

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from unclip_jax.weights.checkpoint import is_aux_file
@@ -202,11 +202,13 @@ def save_pipeline(
     params: dict[str, Any],
     *,
     overwrite: bool = False,
+    write_params: Callable[[str, Any], None] | None = None,
 ) -> None:
     """Writes a pipeline folder: model_index.json, each component's config files copied from `source`
     (a pipeline folder, or a component folder per name; tokenizers and schedulers write their own), and
     each model's params as orbax. Written through `atomic_folder`, so a failed save leaves nothing
-    half-written at `folder`; `overwrite` replaces an existing pipeline folder (only that)."""
+    half-written at `folder`; `overwrite` replaces an existing pipeline folder (only that).
+    `write_params(component_folder, params)` writes a model's params in another format (weights/export.py)."""
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         index = dict(index)
         for name, comp in components.items():
@@ -225,7 +227,9 @@ def save_pipeline(
             elif os.path.isdir(src):
                 copy_aux_files(src, sub)
                 sync_vocab_size(sub, comp)
-            if name in params:
+            if name in params and write_params is not None:
+                write_params(sub, params[name])
+            elif name in params:
                 save_params(os.path.join(sub, ORBAX_DIR), params[name])
         write_model_index(tmp, index)
 

@@ -6,6 +6,8 @@ leaf the param tree has) converts every tensor, and the layout follows from the 
 table holds is the exceptions: renames for older spellings, and tensors inference never reads.
 """
 
+import dataclasses
+
 from unclip_jax.weights.convert import Rules
 
 # transformers' CLIPTextModel(WithProjection): module names are ours already. Checkpoints exported
@@ -24,7 +26,10 @@ CLIP_VISION = Rules(
 # -> `down_blocks_1/attentions_0/transformer_blocks_0/ff/net_0/proj`). proj_in/proj_out are Dense here
 # whether the checkpoint holds a 1x1 conv (`use_linear_projection` False: SD 1.x) or a linear layer
 # (SD 2.x), and the resnets' 1x1 `conv_shortcut` becomes a Dense kernel: both by the leaf-kind layout.
-UNET = Rules()
+# Writing back needs to know which Dense kernels PyTorch holds as 1x1 convs (`conv_1x1`).
+UNET = Rules(conv_1x1=(r".*\.conv_shortcut\.weight",))
+# SD 1.x-style transformers (`use_linear_projection` False) project in and out with 1x1 convs.
+UNET_CONV_PROJECTION = dataclasses.replace(UNET, conv_1x1=UNET.conv_1x1 + (r".*\.proj_(in|out)\.weight",))
 
 # diffusers' AutoencoderKL. Checkpoints saved before diffusers renamed its attention block name it
 # `query`/`key`/`value`/`proj_attn` (as diffusers' own loader maps them); their weights may be linear
@@ -36,6 +41,7 @@ VAE = Rules(
         (r"(\.attentions\.\d+)\.value\.", r"\1.to_v."),
         (r"(\.attentions\.\d+)\.proj_attn\.", r"\1.to_out.0."),
     ),
+    conv_1x1=(r".*\.conv_shortcut\.weight",),
 )
 
 # diffusers' PriorTransformer: top-level params keep diffusers' names and shapes (`positional_embedding`
@@ -58,5 +64,10 @@ DPT = Rules(
         r"neck\.fusion_stage\.layers\.0\.residual_layer1\..*",
         # Batch-norm step counters (fusion residual units with use_batch_norm_in_fusion_residual).
         r".*\.num_batches_tracked",
+    ),
+    # Written back (export) as copies of same-shaped tensors, so that transformers finds every key.
+    unread_twins=(
+        (r"dpt\.encoder\.layer\.0\.layernorm_before\.(weight|bias)", r"dpt.layernorm.\1"),
+        (r"neck\.fusion_stage\.layers\.0\.residual_layer2\.(.*)", r"neck.fusion_stage.layers.0.residual_layer1.\1"),
     ),
 )
