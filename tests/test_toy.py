@@ -342,3 +342,20 @@ def test_training_script_commands(tmp_path, capsys):
         if name in offered:
             args = parser.parse_args(script.training_arguments(name, str(tmp_path), 0))
             assert args.objective == name and args.steps == script.TRAINING[name][3]["steps"]
+
+
+def test_evaluation_prompts_and_score():
+    prompts = measure.evaluation_prompts()
+    assert len(prompts) == 270 and prompts[0][0] == domain.canonical_caption(*prompts[0][1])
+    assert set(domain.HELD_OUT) <= {combo for _, combo in prompts}
+    assert len(measure.evaluation_prompts(every=9)) == 30
+    # Drawn pictures of every 9th combination score perfectly; wrong requests are counted as wrong.
+    combos = [combo for _, combo in measure.evaluation_prompts(every=9)]
+    rng = np.random.default_rng(0)
+    images = [domain.render(s, c, b, (32.0, 32.0), 14.0, rng) for s, c, b in combos]
+    assert measure.score(images, combos) == dict(colors=1.0, color=1.0, background=1.0, shape=1.0, all=1.0)
+    swapped = [(s, b, c) for s, c, b in combos]
+    got = measure.score(images, swapped)
+    assert got["colors"] == 0.0 and got["shape"] == 1.0
+    with pytest.raises(ValueError, match="one combination per picture"):
+        measure.score(images, combos[:-1])

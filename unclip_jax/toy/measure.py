@@ -13,6 +13,8 @@
    columns holding at least `MIN_LINE` region pixels, so a few stray pixels do not stretch it.
 
 `depth_correlation(a, b)` is the Pearson correlation of two depth maps of one shape (flattened).
+`evaluation_prompts()` lists the canonical prompts of all 270 palette combinations (held-out ones
+included) and `score(images, combos)` the fractions of pictures measured as asked, for issue 18's tests.
 """
 
 from __future__ import annotations
@@ -121,3 +123,33 @@ def depth_correlation(a, b) -> float:
     if denom == 0:
         raise ValueError("a depth map is constant: its correlation is undefined")
     return float((a * b).sum() / denom)
+
+
+def evaluation_prompts(every: int = 1) -> list[tuple[str, tuple[str, str, str]]]:
+    """(canonical caption, (shape, colour, background)) for every `every`-th combination of the palette
+    (all 270 with `every=1`), held-out combinations included, in a fixed order."""
+    from unclip_jax.toy.domain import ALL_COMBOS, canonical_caption  # noqa: PLC0415
+
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    return [(canonical_caption(*combo), combo) for combo in ALL_COMBOS[::every]]
+
+
+def score(images, combos) -> dict[str, float]:
+    """The fractions of pictures whose measures match what was asked, one (shape, colour, background)
+    per picture: "colors" (shape colour and background both right: issue 18's first criterion),
+    "color", "background", "shape", and "all"."""
+    images = list(images)
+    combos = list(combos)
+    if len(images) != len(combos) or not images:
+        raise ValueError(f"score needs one combination per picture; got {len(images)} pictures, {len(combos)} combos")
+    hits = {"colors": 0, "color": 0, "background": 0, "shape": 0, "all": 0}
+    for image, (shape, color, background) in zip(images, combos):
+        got = measure(image)
+        right = {"color": got["color"] == color, "background": got["background"] == background,
+                 "shape": got["shape"] == shape}
+        right["colors"] = right["color"] and right["background"]
+        right["all"] = right["colors"] and right["shape"]
+        for k, v in right.items():
+            hits[k] += bool(v)
+    return {k: v / len(images) for k, v in hits.items()}
