@@ -8,7 +8,6 @@ after loading) run in-process through `cli.main`, with two of them also as subpr
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil

@@ -26,7 +26,13 @@ import tempfile
 import jax
 import numpy as np
 
-from unclip_jax.tokenizer import write_clip_tokenizer
+from unclip_jax.image_processing import CLIPImageProcessor
+from unclip_jax.image_processing_dpt import DPTImageProcessor
+from unclip_jax.schedulers import scheduler_from_config
+from unclip_jax.tokenizer import load_tokenizer, write_clip_tokenizer
+from unclip_jax.weights.components import build
+from unclip_jax.weights.convert import abstract_params
+from unclip_jax.weights.folder import save_pipeline
 
 _HIDDEN, _EMBED, _IMAGE = 32, 32, 32
 
@@ -149,14 +155,6 @@ def write_tiny(kind: str, folder: str, seed: int = 0, *, exist_ok: bool = False)
 
     `folder` must not exist; with `exist_ok`, a folder that this function wrote with the same kind and seed
     is left as it is (running the same command twice works), and anything else there is still refused."""
-    from unclip_jax.image_processing import CLIPImageProcessor  # noqa: PLC0415
-    from unclip_jax.image_processing_dpt import DPTImageProcessor  # noqa: PLC0415
-    from unclip_jax.schedulers import scheduler_from_config  # noqa: PLC0415
-    from unclip_jax.tokenizer import load_tokenizer  # noqa: PLC0415
-    from unclip_jax.weights.components import build  # noqa: PLC0415
-    from unclip_jax.weights.convert import abstract_params  # noqa: PLC0415
-    from unclip_jax.weights.folder import save_pipeline  # noqa: PLC0415
-
     if kind not in CONFIGS:
         raise ValueError(f"unknown tiny checkpoint kind {kind!r}; choose one of {', '.join(KINDS)}")
     if os.path.exists(folder):

@@ -3,8 +3,6 @@ torch. The command half of `unclip_jax.conversion.convert_pipeline`."""
 
 from __future__ import annotations
 
-import sys
-
 from unclip_jax.cli.parsing import command_parser
 
 DTYPES = ("fp32", "bf16", "fp16")  # `unclip_jax.conversion.DTYPES` (a test keeps them equal)
