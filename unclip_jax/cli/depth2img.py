@@ -7,7 +7,6 @@ import time
 
 from unclip_jax.cli import common
 from unclip_jax.cli.parsing import PROG, UsageError, add_size, check_generation_arguments, generation_parser
-from unclip_jax.pipelines import checks
 
 EXAMPLES = f"""examples:
   {PROG} depth2img "a marble statue" --image room.png --model stabilityai/stable-diffusion-2-depth
@@ -28,9 +27,10 @@ def add_parser(sub) -> None:
     d.add_argument("--depth-map", default=None, metavar="PATH",
                    help="a depth image to use instead of the estimate (grayscale, near = bright; color is "
                         "read as luminance; any scale)")
-    d.add_argument("--max-pixels", type=int, default=checks.MAX_PIXELS, metavar="N",
-                   help=f"refuse input images of more pixels than this (default {checks.MAX_PIXELS:,}; depth "
-                        "estimation and the VAE run at the input's size); 0: no limit")
+    d.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="refuse input images of more pixels than this (default: the pipelines' budget, "
+                        "unclip_jax.pipelines.checks.MAX_PIXELS, 1024 x 1024; depth estimation and the VAE run "
+                        "at the input's size); 0: no limit")
     d.add_argument("--save-depth", action="store_true",
                    help="also write the depth map used, as a 16-bit PNG at the input image's size")
     add_size(d, "resize the input image to this size first, a multiple of 8 (default: as it is, cut down to a "
@@ -38,7 +38,11 @@ def add_parser(sub) -> None:
 
 
 def check(args) -> None:
+    from unclip_jax.pipelines import checks  # noqa: PLC0415  (import time: see parsing)
+
     check_generation_arguments(args)
+    if args.max_pixels is None:
+        args.max_pixels = checks.MAX_PIXELS
     if (args.height is None) != (args.width is None):
         raise UsageError("give both --height and --width (or --size) to resize the input image")
     if args.max_pixels:
