@@ -35,7 +35,7 @@ import time
 import traceback
 from pathlib import Path
 
-from unclip_jax.cli.parsing import OneLineParser, UsageError
+from unclip_jax.cli import OneLineParser, UsageError, silence_torch_advice
 
 # Real component configs (file names in --configs): the unCLIP UNet of (a), the pipeline of (b).
 _UNET_REAL = "unet_sd21_unclip.json"
@@ -358,6 +358,7 @@ def _worker(conn, side: str, what: str, args) -> None:
         if args.threads < len(cores):
             os.sched_setaffinity(0, cores[:args.threads])
         if side == "jax":
+            silence_torch_advice()  # the JAX side runs without torch
             _count_compiles()
         t0 = time.perf_counter()
         bench = _SIDES[side, what](args)

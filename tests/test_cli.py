@@ -365,3 +365,19 @@ def test_prior_from_a_karlo_checkpoint_in_python(root, tmp_path):
     assert index["prior_scheduler"] == ["diffusers", "DDPMScheduler"]
     again, again_params = StableUnCLIPPipeline.from_pretrained(str(tmp_path / "saved"))
     np.testing.assert_array_equal(again("a cat", params=again_params, **kw).images, pipe("a cat", params=params, **kw).images)
+
+
+def test_compilation_cache_folder(monkeypatch, tmp_path):
+    """UNCLIP_JAX_CACHE_DIR moves the cache (empty: no cache), else $XDG_CACHE_HOME or ~/.cache."""
+    from unclip_jax import cache
+
+    monkeypatch.setenv("UNCLIP_JAX_CACHE_DIR", str(tmp_path / "c"))
+    assert cache.default_cache_dir() == str(tmp_path / "c")
+    monkeypatch.setenv("UNCLIP_JAX_CACHE_DIR", "")
+    assert cache.default_cache_dir() is None and cache.enable_compilation_cache() is None
+    monkeypatch.delenv("UNCLIP_JAX_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.default_cache_dir() == str(tmp_path / "xdg" / "unclip-jax" / "jax")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache.default_cache_dir() == str(tmp_path / "home" / ".cache" / "unclip-jax" / "jax")

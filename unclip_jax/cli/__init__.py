@@ -29,7 +29,8 @@ from unclip_jax.cli.parsing import PROG, SCHEDULER_NAMES, OneLineParser, UsageEr
 COMMANDS = {"tiny": tiny, "txt2img": txt2img, "variation": variation, "depth2img": depth2img, "generate": generate,
             "convert": convert, "export": export, "train": train}
 
-__all__ = ["COMMANDS", "PROG", "SCHEDULER_NAMES", "OneLineParser", "UsageError", "main", "parser", "scheduler_class"]
+__all__ = ["COMMANDS", "PROG", "SCHEDULER_NAMES", "OneLineParser", "UsageError", "main", "parser", "scheduler_class",
+           "silence_torch_advice"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,8 +49,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _no_torch_advice(record: logging.LogRecord) -> bool:
-    # transformers warns at import that PyTorch is missing; this runtime is torch-free on purpose.
     return not record.getMessage().startswith("PyTorch was not found")
+
+
+def silence_torch_advice() -> None:
+    """transformers warns at import that PyTorch is missing; this runtime is torch-free on purpose."""
+    logging.getLogger("transformers").addFilter(_no_torch_advice)
 
 
 def _message(e: Exception) -> str:
@@ -67,7 +72,7 @@ def _message(e: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
-    logging.getLogger("transformers").addFilter(_no_torch_advice)
+    silence_torch_advice()
     try:
         args = parser().parse_args(argv)
         module = COMMANDS[args.command]
