@@ -63,20 +63,24 @@ def check_out(out: str) -> None:
 
 
 def check_model_folder(args) -> None:
-    """A local --model (and --prior) folder: the right pipeline class, and a --noise-level its image noising
-    schedule has (read from the scheduler's JSON config; no weights are read)."""
+    """A local --model (and --prior) folder, before loading (a hub repo id: once resolved, see `load`)."""
+    if getattr(args, "prior", None) is not None and os.path.isdir(args.prior):
+        prior_layout(args.prior)
+    if os.path.isdir(args.model):
+        check_pipeline_folder(args.model, args)
+
+
+def check_pipeline_folder(folder: str, args) -> None:
+    """The right pipeline class, and a --noise-level its image noising schedule has (read from the
+    scheduler's JSON config; no weights are read)."""
     from unclip_jax.pipelines import checks  # noqa: PLC0415  (import time)
     from unclip_jax.weights.checkpoint import read_config  # noqa: PLC0415
     from unclip_jax.weights.folder import read_model_index  # noqa: PLC0415
 
-    if getattr(args, "prior", None) is not None and os.path.isdir(args.prior):
-        prior_layout(args.prior)
-    if not os.path.isdir(args.model):
-        return  # a hub repo id: checked once resolved
-    index = read_model_index(args.model)
-    check_pipeline_class(args.model, index.get("_class_name"), args)
+    index = read_model_index(folder)
+    check_pipeline_class(folder, index.get("_class_name"), args)
     if getattr(args, "noise_level", None) is not None and "image_noising_scheduler" in index:
-        config = read_config(os.path.join(args.model, "image_noising_scheduler"), "scheduler_config.json")
+        config = read_config(os.path.join(folder, "image_noising_scheduler"), "scheduler_config.json")
         # diffusers' DDPMScheduler default when the config leaves it out
         checks.check_noise_level(args.noise_level, int(config.get("num_train_timesteps", 1000)), "--noise-level")
 
@@ -145,7 +149,6 @@ def load(args, progress: bool):
     import unclip_jax  # noqa: PLC0415
     from unclip_jax.schedulers import scheduler_from_config  # noqa: PLC0415
     from unclip_jax.weights.checkpoint import read_config  # noqa: PLC0415
-    from unclip_jax.weights.folder import read_model_index  # noqa: PLC0415
     from unclip_jax.weights.hub import resolve  # noqa: PLC0415
 
     cls = getattr(unclip_jax, PIPELINES[args.command])
@@ -154,7 +157,7 @@ def load(args, progress: bool):
     with elapsed(f"loading {args.model}", progress):
         folder = resolve(args.model, cls.COMPONENTS, variant=args.variant, revision=args.revision,
                          local_files_only=args.local_files_only)
-        check_pipeline_class(folder, read_model_index(folder).get("_class_name"), args)
+        check_pipeline_folder(folder, args)
         swap = {} if getattr(args, "prior", None) is None else {"prior": args.prior}
         if args.scheduler_class is not None:
             config = read_config(os.path.join(folder, "scheduler"), "scheduler_config.json")
