@@ -18,14 +18,15 @@ def _paths(specs: Sequence[str]) -> list[tuple[str, ...]]:
     return [tuple(s.split("/")) for s in specs]
 
 
-def make_split(train: Sequence[str], exclude: Sequence[str] = ()):
-    """(split, merge) for training the subtrees `train` (slash-separated paths) except `exclude`."""
+def make_split(train: Sequence[str], exclude: Sequence[str] = (), leaves: Sequence[str] | None = None):
+    """(split, merge) for training the subtrees `train` (slash-separated paths) except `exclude`; with
+    `leaves`, only the params of those names (LoRA's "A" and "B", not its fixed "scale")."""
     train_paths, exclude_paths = _paths(train), _paths(exclude)
 
     def trained(path: tuple[str, ...]) -> bool:
         def under(prefixes):
             return any(path[:len(p)] == p for p in prefixes)
-        return under(train_paths) and not under(exclude_paths)
+        return under(train_paths) and not under(exclude_paths) and (leaves is None or path[-1] in leaves)
 
     def split(params: dict[str, Any]):
         flat = traverse_util.flatten_dict(dict(params))
