@@ -53,6 +53,25 @@ def torch_latents(vae, pixel_values, posterior_noise):
     return (dist.mean + dist.std * nchw(posterior_noise)) * vae.config.scaling_factor
 
 
+def torch_decoder_loss(ref, empty_ids, batch, draws, options, text_encoder=None):
+    """The decoder's loss in PyTorch with the diffusers pipeline's models (`text_encoder` replaces its
+    text encoder and keeps its graph: textual inversion differentiates through it)."""
+    text_encoder = text_encoder or ref.text_encoder
+    with torch.no_grad():
+        latents = torch_latents(ref.vae, batch["pixel_values"], draws["posterior_noise"])
+        embeds = ref.image_encoder(t(np.moveaxis(batch["clip_pixel_values"], -1, 1))).image_embeds
+        levels, embed_noise = np.asarray(draws["noise_level"]), t(draws["image_embeds_noise"])
+        labels = torch.cat([ref.noise_image_embeddings(embeds[i:i + 1], int(levels[i]), noise=embed_noise[i:i + 1])
+                            for i in range(len(levels))])
+        labels = torch.where(t(draws["drop_image"])[:, None], torch.zeros_like(labels), labels)
+    with torch.set_grad_enabled(text_encoder is not ref.text_encoder):
+        text = torch_text(text_encoder, batch["input_ids"], empty_ids, np.asarray(draws["drop_text"]))
+    return torch_denoising_loss(
+        lambda x, ts: ref.unet(x, ts, text, class_labels=labels).sample, latents, nchw(draws["noise"]),
+        t(draws["timesteps"], np.int64), ref.scheduler.config,
+        options.get("prediction_type", ref.scheduler.config.prediction_type), options.get("snr_gamma"))
+
+
 CASES = [  # shape, options
     ("a", dict(snr_gamma=5.0, noise_offset=0.1, text_dropout=0.5, image_dropout=0.5)),
     ("b", dict(noise_level=(10, 900), text_dropout=0.5, image_dropout=0.5)),
@@ -75,18 +94,7 @@ def test_decoder_loss_and_grads_match_torch(pipeline_pairs, pipeline_dirs, shape
     unet.zero_grad(set_to_none=True)
     for p in unet.parameters():
         p.requires_grad_(True)
-    with torch.no_grad():
-        latents = torch_latents(ref.vae, batch["pixel_values"], draws["posterior_noise"])
-        text = torch_text(ref.text_encoder, batch["input_ids"], objective.loss.empty_ids, np.asarray(draws["drop_text"]))
-        embeds = ref.image_encoder(t(np.moveaxis(batch["clip_pixel_values"], -1, 1))).image_embeds
-        levels, embed_noise = np.asarray(draws["noise_level"]), t(draws["image_embeds_noise"])
-        labels = torch.cat([ref.noise_image_embeddings(embeds[i:i + 1], int(levels[i]), noise=embed_noise[i:i + 1])
-                            for i in range(len(levels))])
-        labels = torch.where(t(draws["drop_image"])[:, None], torch.zeros_like(labels), labels)
-    ref_loss = torch_denoising_loss(
-        lambda x, ts: unet(x, ts, text, class_labels=labels).sample, latents, nchw(draws["noise"]),
-        t(draws["timesteps"], np.int64), ref.scheduler.config, ref.scheduler.config.prediction_type,
-        options.get("snr_gamma"))
+    ref_loss = torch_decoder_loss(ref, objective.loss.empty_ids, batch, draws, options)
     ref_loss.backward()
     ref_grads = torch_grads(unet, trainable["unet"], rules_of(pipeline_dirs("unclip_img2img", shape) / "unet"))
 
