@@ -18,14 +18,14 @@ def rules_of(folder) -> object:
     return components.build(read_config(str(folder))).rules
 
 
-def torch_grads(module: torch.nn.Module, our_params, rules, prefix: str = "") -> dict:
-    """module's parameter grads (zeros where None) converted to our param layout, as convert() converts
-    weights (a grad transforms like the weight it belongs to)."""
+def torch_grads(module: torch.nn.Module, our_params, rules, keep: tuple[str, ...] = ("",)) -> dict:
+    """module's parameter grads (zeros where None) of the names starting with one of `keep`, converted to
+    our param layout as convert() converts weights (a grad transforms like the weight it belongs to)."""
     state = {}
     for name, p in module.named_parameters():
-        if name.startswith(prefix):
+        if name.startswith(keep):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
-            state[name[len(prefix):]] = to_numpy(g)
+            state[name] = to_numpy(g)
     abstract = _abstract(our_params)
     return convert(state, abstract, rules, what="grads")
 

@@ -34,14 +34,18 @@ from unclip_jax.training.objectives.params import make_split, merge
 CLIP_STATS = ("prior/clip_mean", "prior/clip_std")
 
 
+def image_encoder_folders(path: str) -> tuple[str, str]:
+    """(encoder folder, preprocessor folder) of an `image_encoder` option (see module doc)."""
+    if os.path.isdir(os.path.join(path, "image_encoder")):
+        return os.path.join(path, "image_encoder"), os.path.join(path, "feature_extractor")
+    return path, path
+
+
 def load_image_encoder(path: str, dtype=jnp.float32):
     """(module, params, CLIPImageProcessor) of a CLIP vision encoder with projection (see module doc)."""
     from unclip_jax.pipelines.loading import _load_model  # noqa: PLC0415
 
-    if os.path.isdir(os.path.join(path, "image_encoder")):
-        encoder, processor = os.path.join(path, "image_encoder"), os.path.join(path, "feature_extractor")
-    else:
-        encoder, processor = path, path
+    encoder, processor = image_encoder_folders(path)
     if not os.path.isfile(os.path.join(encoder, "config.json")):
         raise FileNotFoundError(f"image_encoder: {path} holds no image encoder (config.json or image_encoder/)")
     if not os.path.isfile(os.path.join(processor, "preprocessor_config.json")):
@@ -123,4 +127,4 @@ def build(pipe, params, options: dict):
     return objective, pipe, {**params, "image_encoder": encoder_params}
 
 
-__all__ = ["PriorLoss", "build", "load_image_encoder"]
+__all__ = ["PriorLoss", "build", "image_encoder_folders", "load_image_encoder"]
