@@ -72,9 +72,9 @@ class CLIPLoss:
 
 def build(pipe, params, options: dict):
     """The CLIP objective on a StableUnCLIPPipeline's prior text encoder and an image encoder (module doc)."""
-    from unclip_jax.pipelines.loading import ORBAX_DIR, copy_aux_files  # noqa: PLC0415
+    from unclip_jax.weights.folder import copy_aux_files  # noqa: PLC0415
     from unclip_jax.pipelines.stable_unclip import StableUnCLIPPipeline  # noqa: PLC0415
-    from unclip_jax.weights.orbax_io import save_params  # noqa: PLC0415
+    from unclip_jax.weights.orbax_io import ORBAX_DIR, save_params  # noqa: PLC0415
 
     if not isinstance(pipe, StableUnCLIPPipeline):
         raise TypeError("the clip objective trains a StableUnCLIPPipeline's prior text encoder with an image encoder; "

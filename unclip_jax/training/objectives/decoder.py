@@ -113,8 +113,7 @@ class DecoderLoss:
     def class_labels(self, params, batch, draws) -> jax.Array:
         pipe = self.pipe
         embeds = pipe.image_encoder.apply({"params": params["image_encoder"]}, batch["clip_pixel_values"]).embeds
-        labels = pipe._noise_embeds(params, embeds.astype(jnp.float32), draws["image_embeds_noise"],
-                                    draws["noise_level"])
+        labels = pipe.noise_image_embeddings(params, embeds, draws["noise_level"], noise=draws["image_embeds_noise"])
         return jnp.where(draws["drop_image"][:, None], 0.0, labels)
 
     def given(self, trainable, frozen, batch, draws) -> tuple[jax.Array, dict]:

@@ -95,7 +95,8 @@ class DepthLoss:
 
 def build(pipe, params, options: dict):
     """The depth objective on a StableDiffusionDepth2ImgPipeline (see the module docstring)."""
-    from unclip_jax.pipelines.depth2img import StableDiffusionDepth2ImgPipeline, _dpt_input  # noqa: PLC0415
+    from unclip_jax.image_processing_dpt import dpt_input  # noqa: PLC0415
+    from unclip_jax.pipelines.depth2img import StableDiffusionDepth2ImgPipeline  # noqa: PLC0415
 
     if not isinstance(pipe, StableDiffusionDepth2ImgPipeline):
         raise TypeError(f"the depth objective trains a StableDiffusionDepth2ImgPipeline; got {type(pipe).__name__}")
@@ -108,7 +109,7 @@ def build(pipe, params, options: dict):
         batch = {"pixel_values": vae_pixels(images), "input_ids": text_ids(pipe.tokenizer, examples)}
         depth = depth_of(examples, images.shape[1:3])
         if depth is None:
-            batch["dpt_pixel_values"] = pipe.feature_extractor([_dpt_input(im) for im in images])
+            batch["dpt_pixel_values"] = pipe.feature_extractor([dpt_input(im) for im in images])
         else:
             batch["depth"] = depth
         return batch

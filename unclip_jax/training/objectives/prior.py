@@ -43,14 +43,14 @@ def image_encoder_folders(path: str) -> tuple[str, str]:
 
 def load_image_encoder(path: str, dtype=jnp.float32):
     """(module, params, CLIPImageProcessor) of a CLIP vision encoder with projection (see module doc)."""
-    from unclip_jax.pipelines.loading import _load_model  # noqa: PLC0415
+    from unclip_jax.weights.components import load_component  # noqa: PLC0415
 
     encoder, processor = image_encoder_folders(path)
     if not os.path.isfile(os.path.join(encoder, "config.json")):
         raise FileNotFoundError(f"image_encoder: {path} holds no image encoder (config.json or image_encoder/)")
     if not os.path.isfile(os.path.join(processor, "preprocessor_config.json")):
         raise FileNotFoundError(f"image_encoder: no preprocessor_config.json in {processor}")
-    module, params = _load_model("image_encoder", encoder, None, dtype, None, None)
+    module, params = load_component(encoder, dtype=dtype, name="image_encoder")
     if not getattr(module, "with_projection", False):
         raise ValueError(f"image_encoder: {encoder} is not a CLIP vision model with projection")
     return module, params, CLIPImageProcessor.from_pretrained(processor)
