@@ -10,34 +10,8 @@ import json
 import diffusers
 import pytest
 from conftest import FIXTURES, real_config
-from test_schedulers_a import SHAPE_2D, SHAPE_4D, run_trajectory, unclip_prev
-
-from unclip_jax.schedulers import scheduler_from_config
 
 CONFIGS = FIXTURES / "configs"
-
-
-@pytest.mark.parametrize("name, n", [("scheduler_sd21_unclip.json", 20), ("scheduler_sd2_depth.json", 5),
-                                     ("scheduler_image_noising_sd21_unclip.INFERRED.json", 4),
-                                     ("scheduler_karlo_prior.json", 25)])
-def test_real_scheduler_configs_match_diffusers(name, n, monkeypatch):
-    d = real_config(name)
-    ours = scheduler_from_config(d)
-    ref = getattr(diffusers, d["_class_name"]).from_config(d)
-    assert ours.config.prediction_type == ref.config.prediction_type
-    stochastic = d["_class_name"] in ("DDPMScheduler", "UnCLIPScheduler")
-    run_trajectory(ours, ref, n, shape=SHAPE_2D if stochastic else SHAPE_4D, stochastic=stochastic,
-                   monkeypatch=monkeypatch if stochastic else None,
-                   per_step=unclip_prev if d["_class_name"] == "UnCLIPScheduler" else None)
-
-
-def test_stable_unclip_decoder_scheduler_is_pndm_v_prediction():
-    d = real_config("scheduler_sd21_unclip.json")
-    assert (d["_class_name"], d["prediction_type"], d["steps_offset"]) == ("PNDMScheduler", "v_prediction", 1)
-    state = scheduler_from_config(d).set_timesteps(scheduler_from_config(d).create_state(), 20, shape=SHAPE_4D)
-    ref = diffusers.PNDMScheduler.from_config(d)
-    ref.set_timesteps(20)
-    assert [int(t) for t in state.timesteps] == [int(t) for t in ref.timesteps]  # steps_offset: 951, 901, ...
 
 
 def test_sd2_depth_vae_tile_comes_from_its_sample_size():
