@@ -1,7 +1,7 @@
 """The real hub configs kept in tests/fixtures/configs (recovered copies: /work/shared/reference-configs,
 README there; `.INFERRED` files are rebuilt, not seen) load into our classes and behave as diffusers' and
-transformers' do with them: the SD 2 depth VAE's tiling tile (its sample_size 256), the model indexes'
-components, the tokenizers' padding (the schedulers' configs: tests/schedulers/test_real_scheduler_configs.py)."""
+transformers' do with them: the schedulers' tables and short trajectories, the SD 2 depth VAE's tiling tile
+(its sample_size 256), the model indexes' components, the tokenizers' padding."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import json
 import diffusers
 import pytest
 from conftest import FIXTURES, real_config
-
 
 CONFIGS = FIXTURES / "configs"
 

@@ -1,15 +1,19 @@
-"""The real hub scheduler configs kept in tests/fixtures/configs (recovered copies; README in
-/work/shared/reference-configs) give diffusers' tables and short trajectories."""
+"""Our schedulers built from the real hub scheduler configs (tests/fixtures/configs, recovered copies of
+stable-diffusion-2-1-unclip's PNDM v-prediction decoder scheduler, stable-diffusion-2-depth's PNDM, the
+unCLIP image-noising DDPM (inferred) and Karlo's prior UnCLIPScheduler) against diffusers built from the
+same files: the inference tables and short trajectories, step by step (harness TOL, fp32)."""
 
 from __future__ import annotations
 
 import diffusers
 import pytest
 from conftest import real_config
-from harness import SHAPE_2D, SHAPE_4D, run_trajectory
+from harness import QUIET_REFERENCE, SHAPE_2D, SHAPE_4D, run_trajectory
 from test_integer_timesteps import unclip_prev
 
 from unclip_jax.schedulers import scheduler_from_config
+
+pytestmark = QUIET_REFERENCE
 
 
 @pytest.mark.parametrize("name, n", [("scheduler_sd21_unclip.json", 20), ("scheduler_sd2_depth.json", 5),
