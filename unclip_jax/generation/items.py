@@ -146,7 +146,7 @@ def read_dataset(name: str, *, column: str, image_column: str | None, split: str
     try:
         import datasets  # noqa: PLC0415
     except ModuleNotFoundError:
-        raise InputError("reading a dataset needs the `datasets` package (pip install datasets)") from None
+        raise InputError("reading a dataset needs the `datasets` package (pip install 'unclip-jax[datasets]')") from None
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "state.json")):
         data = datasets.load_from_disk(name)
     elif os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
