@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import flax.struct
 import jax
-import numpy as np
 
 from unclip_jax.lora import LoraLoaderMixin
 from unclip_jax.models import clip, dpt, prior, unet, vae
