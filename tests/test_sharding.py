@@ -120,15 +120,15 @@ def test_compiled_shardings(cases, meshes, mode):
     layout = Layout(mesh)
     inputs = _rows(inputs, axes, 8)
     placed = shard_params({k: params[k] for k in pipe.SAMPLE_MODELS}, mesh)
-    placed_inputs = layout.put_inputs(inputs, axes, 8)
+    placed_inputs = type(inputs).from_dict(layout.put_inputs(inputs.as_dict(), axes, 8))
     fn = jax.jit(lambda p, i, k: pipe.sample(p, i, k, config=config, mesh=mesh))
     compiled = fn.lower(placed, placed_inputs, jax.random.key(7)).compile()
     param_shardings, input_shardings, _ = compiled.input_shardings[0]
     batch = layout.batch()
     assert compiled.output_shardings.is_equivalent_to(batch, 4)
-    assert input_shardings["latents"].is_equivalent_to(batch, 4)
-    assert input_shardings["prompt_embeds"].is_equivalent_to(batch, 3)
-    assert input_shardings["guidance_scale"].is_fully_replicated
+    assert input_shardings.latents.is_equivalent_to(batch, 4)
+    assert input_shardings.prompt_embeds.is_equivalent_to(batch, 3)
+    assert input_shardings.guidance_scale.is_fully_replicated
     leaves = jax.tree.leaves(param_shardings)
     split = [s for s in leaves if not s.is_fully_replicated]
     hlo = compiled.as_text()

@@ -43,3 +43,18 @@ def test_prompt_type_errors(clip_tokenizer_dirs):
 def test_missing_tokenizer_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="vocab.json: missing"):
         load_tokenizer(str(tmp_path))
+
+
+def test_long_prompt_warns_as_diffusers(clip_tokenizer_dirs, capfd):
+    """An over-long prompt: diffusers' warning naming the part cut off (what diffusers' encode_prompt
+    decodes), and not transformers' misleading "indexing errors" one."""
+    from unclip_jax.tokenizer import maybe_convert_prompt
+
+    tok = load_tokenizer(str(clip_tokenizer_dirs["sd2"]))
+    prompts = ["a photo of a cat", " ".join(f"word{i}" for i in range(60))]
+    untruncated = tok(prompts, padding="longest", return_tensors="np").input_ids
+    cut = tok.batch_decode(untruncated[1:, tok.model_max_length - 1:-1])
+    with pytest.warns(UserWarning, match="truncated because CLIP can only handle sequences up to 77 tokens") as w:
+        tokenize(tok, maybe_convert_prompt(prompts, tok))
+    assert str(cut) in str(w[0].message) and len(cut[0]) > 20
+    assert "Token indices sequence length" not in capfd.readouterr().err

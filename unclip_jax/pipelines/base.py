@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import flax.struct
 import jax
-import numpy as np
 
 from unclip_jax.lora import LoraLoaderMixin
 from unclip_jax.models import clip, dpt, prior, unet, vae
@@ -127,7 +126,7 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, PipelineBa
         each model component in `names` (against `jax.eval_shape` of the module's init, computed once
         per module and cached): a ConversionError (a ValueError) lists missing, unexpected and mis-shaped
         paths."""
-        if not isinstance(params, dict):
+        if not isinstance(params, Mapping):
             raise TypeError(f"params must be a dict component -> param tree; got {type(params).__name__}")
         self.require(*names)
         for name in names:
@@ -151,6 +150,10 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, PipelineBa
         """`scheduler.set_timesteps(create_state(), steps, shape=shape)`, computed once per scheduler
         configuration, step count and sample shape (prepare and sample of a call share it)."""
         key = (type(scheduler), scheduler.config, num_inference_steps, tuple(shape))
+        try:
+            hash(key)
+        except TypeError:  # a config holding a list: computed afresh
+            return scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, shape=shape)
         if key not in self._states:
             self._states[key] = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, shape=shape)
         return self._states[key]

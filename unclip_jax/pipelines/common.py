@@ -1,4 +1,6 @@
-"""What the pipelines share: prompt encoding, classifier-free guidance, image post-processing, outputs."""
+"""What the pipelines share: prompt encoding, classifier-free guidance (the guidance batch and the guided
+model function), checks of supplied arrays and keys, key derivation, the one loop driver and its host
+hooks, image post-processing, outputs."""
 
 from __future__ import annotations
 

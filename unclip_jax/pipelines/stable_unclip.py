@@ -179,14 +179,15 @@ class _UnCLIPDecoder(DiffusionPipeline):
         embeds = guidance_batch((inputs.negative_prompt_embeds, jnp.zeros_like(labels)),
                                 (inputs.prompt_embeds, labels), do_cfg)
         unet_params = params["unet"]
-        model_fn = guided_model(
-            lambda x, t, c: self.unet.apply({"params": unet_params}, x, t, c[0], c[1]), inputs.guidance_scale, do_cfg)
+        # Conditioning closed over, not carried: a carry would be saved per step for the backward pass.
+        model_fn = guided_model(lambda x, t: self.unet.apply({"params": unet_params}, x, t, *embeds),
+                                inputs.guidance_scale, do_cfg)
         n = state.timesteps.shape[0]
         on_step_end = chain_hooks(
             report_hook(hooks.callback, hooks.callback_steps, self.scheduler.order) if hooks.callback else None,
             progress_hook("denoising", n) if hooks.progress else None)
         return sampling_loop(model_fn, self.scheduler, state, inputs.latents * state.init_noise_sigma, key=key,
-                             step_noise=inputs.step_noise, step_options=step_kwargs(self.scheduler, eta), cond=embeds,
+                             step_noise=inputs.step_noise, step_options=step_kwargs(self.scheduler, eta),
                              on_step_end=on_step_end, layout=layout, remat=not hooks.any)
 
     def _sample_decoder(self, params, inputs: UnCLIPInputs, key, config, layout, hooks: HostHooks):
@@ -324,13 +325,13 @@ class StableUnCLIPPipeline(_UnCLIPDecoder):
         """Prior latents -> CLIP image embeddings [B, D] (one fori_loop, then the prior's post-processing)."""
         prior_params = params["prior"]
         text = guidance_batch(inputs.prior_text(negative=True) if do_cfg else None, inputs.prior_text(), do_cfg)
-        model_fn = guided_model(
-            lambda x, t, c: self.prior.apply({"params": prior_params}, x, t, *c), inputs.prior_guidance_scale, do_cfg)
+        model_fn = guided_model(lambda x, t: self.prior.apply({"params": prior_params}, x, t, *text),
+                                inputs.prior_guidance_scale, do_cfg)
         on_step_end = chain_hooks(
             report_hook(hooks.callback, hooks.callback_steps) if hooks.callback else None,
             progress_hook("prior", state.timesteps.shape[0]) if hooks.progress else None)
         latents = sampling_loop(model_fn, self.prior_scheduler, state, inputs.prior_latents * state.init_noise_sigma,
-                                key=key, step_noise=inputs.prior_step_noise, cond=text, on_step_end=on_step_end,
+                                key=key, step_noise=inputs.prior_step_noise, on_step_end=on_step_end,
                                 layout=layout, remat=not hooks.any)
         return constrain(layout, self.prior.apply({"params": prior_params}, latents, method="post_process_latents"))
 
