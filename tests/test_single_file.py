@@ -216,6 +216,23 @@ def test_single_file_loads_the_folders_params(pipeline_pairs, pipeline_dirs, tmp
     assert ours.scheduler.config == pipe.scheduler.config
 
 
+def test_decoder_file_with_a_prior_from_elsewhere(pipeline_pairs, pipeline_dirs, tmp_path):
+    """StableUnCLIPPipeline from a decoder-only file (configs from an img2img folder) and another
+    checkpoint's prior, as with stable-diffusion-2-1-unclip-small and Karlo."""
+    import unclip_jax as uj
+
+    _, _, decoder_params = pipeline_pairs("unclip_img2img", "a")
+    folder = pipeline_dirs("unclip_img2img", "a")
+    prior_folder = pipeline_dirs("unclip", "a")
+    path = write_ldm(folder, tmp_path / "sd21-unclip.safetensors")
+    pipe, params = uj.StableUnCLIPPipeline.from_single_file(path, config=str(folder), prior=str(prior_folder))
+    _, prior_params = uj.StableUnCLIPPipeline.from_pretrained(str(prior_folder))
+    _assert_same_params({n: params[n] for n in ("unet", "vae", "text_encoder", "image_normalizer")},
+                        {n: decoder_params[n] for n in ("unet", "vae", "text_encoder", "image_normalizer")})
+    _assert_same_params({n: params[n] for n in ("prior", "prior_text_encoder")},
+                        {n: prior_params[n] for n in ("prior", "prior_text_encoder")})
+
+
 def test_single_file_makes_the_folders_images(pipeline_pairs, pipeline_dirs, tmp_path):
     from test_export import run_both
 

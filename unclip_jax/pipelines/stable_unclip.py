@@ -313,6 +313,18 @@ class StableUnCLIPPipeline(_UnCLIPDecoder):
         pipe._foreign.update(foreign)
         return pipe, params
 
+    @classmethod
+    def from_single_file(cls, path: str, *, prior: str | None = None, **kwargs):
+        """As `PipelineBase.from_single_file` (a decoder-only sd21-unclip-h/-l file); `prior`: a folder or
+        repo id to take the prior from, as in `from_pretrained`."""
+        if prior is None:
+            return super().from_single_file(path, **kwargs)
+        where = {k: kwargs[k] for k in ("dtype", "local_files_only", "cache_dir") if k in kwargs}
+        overrides, foreign = load_prior(prior, **where)
+        pipe, params = super().from_single_file(path, **kwargs, **overrides)
+        pipe._foreign.update(foreign)
+        return pipe, params
+
     # ------------------------------------------------------------------ the prior's loop
 
     @functools.partial(jax.jit, static_argnums=(0,))

@@ -13,4 +13,7 @@ components      the architectures we build, and load_component: one loader for o
 folder          pipeline folders: model_index.json, atomic writes and overwrite rules, save_pipeline,
                 the Karlo prior's layouts
 hub             a path or a hub repo id -> a local pipeline folder
+export          params -> PyTorch-named safetensors and diffusers folders (the tables run backwards)
+ldm             Stability's original (LDM) key layout: more Rules tables, built from the configs
+single_file     sd21-unclip-h/-l and 512-depth-ema single files: kind from shapes, configs from a folder
 """

@@ -12,7 +12,8 @@ the PyTorch model still has (`unread_twins`, DPT only).
 list: PyTorch lists start at 0, while module names that end in a number (`linear_1`, `linear_2`) have no
 `_0` sibling and hold no list.
 
-Writing needs no torch: safetensors' numpy API writes the files (bf16 through ml_dtypes).
+Writing needs no torch: safetensors' numpy API writes the files (bf16 through ml_dtypes), through
+`safetensors_io.save_file`.
 """
 
 from __future__ import annotations
@@ -128,11 +129,10 @@ def write_component(folder: str, params, *, dtype: str = "fp32", variant: str | 
 
     The model, its table and its abstract params come from the config already in `folder`.
     """
-    from safetensors.numpy import save_file  # noqa: PLC0415
-
     from unclip_jax.conversion import DTYPES  # noqa: PLC0415
     from unclip_jax.weights import components as registry  # noqa: PLC0415
     from unclip_jax.weights.checkpoint import read_config  # noqa: PLC0415
+    from unclip_jax.weights.safetensors_io import save_file  # noqa: PLC0415
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
