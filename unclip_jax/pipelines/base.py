@@ -152,10 +152,16 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, PipelineBa
         key = (type(scheduler), scheduler.config, num_inference_steps, tuple(shape))
         try:
             hash(key)
-        except TypeError:  # a config holding a list: computed afresh
-            return scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, shape=shape)
-        if key not in self._states:
-            self._states[key] = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, shape=shape)
+        except TypeError:  # a config holding a list: not cached
+            key = None
+        if key is None or key not in self._states:
+            # Concrete values even when `sample` is traced (inside the user's jit or grad): the state is
+            # host-built tables, and a cached tracer would leak into later traces.
+            with jax.ensure_compile_time_eval():
+                state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, shape=shape)
+            if key is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
+                return state
+            self._states[key] = state
         return self._states[key]
 
     @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("layout",))
