@@ -104,14 +104,14 @@ def run_torch(config: dict, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="unet_sd21_unclip.json", help="a UNet config under tests/fixtures/configs")
+    p.add_argument("--config", default="unet_sd21_unclip.json", help="a UNet config.json: a path, or a name under tests/fixtures/configs")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeat", type=int, default=2, help="timed steps after one warm-up step (the best is kept)")
     p.add_argument("--remat", action="store_true", help="rematerialised blocks on both sides")
     p.add_argument("--side", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    with open(os.path.join(CONFIGS, args.config)) as f:
+    with open(args.config if os.path.isfile(args.config) else os.path.join(CONFIGS, args.config)) as f:
         config = json.load(f)
     if args.side:
         result = (run_jax if args.side == "jax" else run_torch)(config, args)

@@ -69,7 +69,7 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_img2img
         assert code == 2 and "--batch-size 3 is not divisible by the 8 devices" in io.err and not out.exists()
 
 
-def test_decoder_run_end_to_end(capsys, tmp_path, tiny_img2img, data):
+def test_decoder_run_end_to_end(capsys, tmp_path, tiny_img2img, data, fast_compile):
     pytest.importorskip("unclip_jax.training.objectives.decoder")
     import unclip_jax
 

@@ -131,7 +131,15 @@ def test_bad_step_options_are_refused():
         S.StepConfig(steps=1, mixed_precision="fp16")
 
 
-def test_remat_changes_no_number():
+def _close_trees(got, want):
+    """Equal to float32 rounding: XLA fuses and orders the rematerialised backward pass differently, so
+    entries agree to 1e-5 relative, or to 1e-6 of the largest gradient (some gradients are zero up to
+    rounding, e.g. of a bias followed by a group norm)."""
+    scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(want))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale), got, want)
+
+
+def test_remat_changes_no_number(fast_compile):
     """UNet and prior blocks rematerialised: the same outputs and gradients (float32)."""
     from unclip_jax.models import prior, unet
     from unclip_jax.tiny import CONFIGS
@@ -153,7 +161,7 @@ def test_remat_changes_no_number():
     plain = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, model)
     remat = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, model.clone(remat=True))
     np.testing.assert_allclose(float(remat[0]), float(plain[0]), rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), remat[1], plain[1])
+    _close_trees(remat[1], plain[1])
 
     pc = prior.PriorTransformerConfig.from_dict(CONFIGS["unclip"][1]["prior"])
     pmodel = prior.PriorTransformer(pc)
@@ -167,4 +175,4 @@ def test_remat_changes_no_number():
     a = jax.jit(jax.value_and_grad(ploss), static_argnums=1)(pparams, pmodel)
     r = jax.jit(jax.value_and_grad(ploss), static_argnums=1)(pparams, pmodel.clone(remat=True))
     np.testing.assert_allclose(float(r[0]), float(a[0]), rtol=1e-6)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), r[1], a[1])
+    _close_trees(r[1], a[1])

@@ -96,8 +96,8 @@ def _load_pipeline(model: str, dtype, remat: bool):
     """(pipe, params) of the pipeline class named by `model`'s model_index.json, the models' compute dtype
     `dtype`, their blocks rematerialised if `remat`."""
     import unclip_jax  # noqa: PLC0415
-    from unclip_jax.pipelines.hub import resolve  # noqa: PLC0415
-    from unclip_jax.pipelines.loading import read_model_index  # noqa: PLC0415
+    from unclip_jax.weights.hub import resolve  # noqa: PLC0415
+    from unclip_jax.weights.folder import read_model_index  # noqa: PLC0415
 
     folder = resolve(model, ())
     name = read_model_index(folder).get("_class_name")
@@ -343,7 +343,7 @@ def _final_params(objective, state, frozen):
 
 def _save_final(objective, pipe, params, final: str) -> None:
     """objective.save into a temporary sibling, swapped in for OUT/final in one step."""
-    from unclip_jax.pipelines.loading import atomic_folder  # noqa: PLC0415
+    from unclip_jax.weights.folder import atomic_folder  # noqa: PLC0415
 
     with atomic_folder(final, overwrite=True) as tmp:
         os.rmdir(tmp)  # objective.save writes a folder that must not exist
