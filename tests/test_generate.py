@@ -111,7 +111,7 @@ def runners(tiny_dirs):
 
 
 def test_draws_are_per_item():
-    from unclip_jax.generation.run import item_draws
+    from unclip_jax.generation.run import DRAW_IDS, item_draws, item_keys
 
     shapes = (("latents", (4, 4, 2), 0), ("step_noise", (3, 4, 4, 2), 1))
     alone = item_draws([11], shapes)
@@ -120,6 +120,12 @@ def test_draws_are_per_item():
     np.testing.assert_array_equal(batch["latents"][1], alone["latents"][0])  # bit-equal
     np.testing.assert_array_equal(batch["step_noise"][:, 1], alone["step_noise"][:, 0])
     assert not np.allclose(batch["latents"][0], batch["latents"][1])
+    # Each draw is jax.random.key(seed) folded with the input's constant, as documented ...
+    direct = jax.random.normal(jax.random.fold_in(jax.random.key(11), DRAW_IDS["latents"]), (4, 4, 2))
+    np.testing.assert_array_equal(alone["latents"][0], np.asarray(direct))
+    # ... and seeds past 32 bits keep their high word (jax.random.key without x64 would drop it).
+    high = np.asarray(jax.random.key_data(item_keys([2**40 + 5, 5])))
+    assert high.tolist() == [[256, 5], [0, 5]]
 
 
 def test_images_do_not_depend_on_batch_or_devices(runners):

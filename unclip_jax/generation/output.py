@@ -25,8 +25,9 @@ TMP_SUFFIX = ".tmp"
 PARTIAL = ".partial"
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file, fsync and rename (and fsyncs the folder)."""
+def atomic_write(path: str, data: bytes, sync: bool = True) -> None:
+    """Writes `data` to `path` through a temporary file, fsync and rename, then fsyncs the folder (`sync`
+    False leaves that to the caller, once for many files)."""
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.{os.getpid()}{TMP_SUFFIX}")
     with open(tmp, "wb") as f:
@@ -34,10 +35,12 @@ def atomic_write(path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(folder)
+    if sync:
+        fsync_folder(folder)
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_folder(folder: str) -> None:
+    """fsync a folder: the renames in it survive a power loss."""
     fd = os.open(folder or ".", os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -37,18 +37,28 @@ DRAW_IDS = {"prior_latents": 1, "prior_step_noise": 2, "image_embeds_noise": 3, 
             "posterior_noise": 6, "noise": 7}
 
 
+def item_keys(seeds: list[int]) -> jax.Array:
+    """The items' keys: `jax.random.key(seed)` (threefry) for seeds below 2**32; above, the seed's high word
+    is kept too (JAX without x64 would drop it, and seeds 0 and 2**32 would draw alike)."""
+    data = np.array([[s >> 32, s & 0xFFFFFFFF] for s in seeds], np.uint32)
+    return jax.random.wrap_key_data(data, impl="threefry2x32")
+
+
 @functools.partial(jax.jit, static_argnums=(1,))
-def _draw(key, shapes: tuple) -> tuple:
-    return tuple(jax.random.normal(jax.random.fold_in(key, DRAW_IDS[name]), shape, jnp.float32)
-                 for name, shape, _ in shapes)
+def _draw(keys, shapes: tuple) -> tuple:
+    def one(key):
+        return tuple(jax.random.normal(jax.random.fold_in(key, DRAW_IDS[name]), shape, jnp.float32)
+                     for name, shape, _ in shapes)
+
+    # vmap over keys computes each item's numbers exactly as a call on its key alone would (threefry is
+    # elementwise in the key), in one program for the batch.
+    return tuple(jnp.moveaxis(x, 0, axis) for x, (_, _, axis) in zip(jax.vmap(one)(keys), shapes))
 
 
 def item_draws(seeds: list[int], shapes: tuple) -> dict[str, np.ndarray]:
     """The random inputs of a batch: for each item its own draws (`shapes`: (name, per-item shape, batch
-    axis)), stacked along each input's batch axis."""
-    per_item = [_draw(jax.random.key(s), shapes) for s in seeds]
-    return {name: np.stack([np.asarray(d[k]) for d in per_item], axis=axis)
-            for k, (name, _, axis) in enumerate(shapes)}
+    axis)) from its own key, stacked along each input's batch axis."""
+    return {name: np.asarray(x) for (name, _, _), x in zip(shapes, _draw(item_keys(seeds), shapes))}
 
 
 def load_image(item: Item):
@@ -336,7 +346,8 @@ def generate(runner: BatchRunner, items: list[Item], *, out: str, batch_size: in
             for batch in todo:
                 made = make(batch)
                 for record, data in made:
-                    output.atomic_write(os.path.join(out, record["file"]), data)
+                    output.atomic_write(os.path.join(out, record["file"]), data, sync=False)
+                output.fsync_folder(out)  # once per batch: the renames are durable before the index names them
                 index.add([r for r, _ in made])
                 summary.made += len(made)
                 if bar is not None:
