@@ -40,12 +40,12 @@ def _models(folder):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("shape", ["a", "b"])
-def test_derived_names_are_the_saved_names(pipeline_dirs, kind, shape):
+def test_derived_names_are_the_saved_names(pipeline_pairs, pipeline_dirs, kind, shape):
+    _, _, params = pipeline_pairs(kind, shape)
     for name, sub in _models(pipeline_dirs(kind, shape)):
         saved = load_state_dict(sub)
-        module, params = registry.load_component(sub)
         built = registry.build(read_config(sub))
-        state = to_state_dict(params, abstract_params(built.module, *built.dummy_inputs), built.rules, name)
+        state = to_state_dict(params[name], abstract_params(built.module, *built.dummy_inputs), built.rules, name)
         # transformers v5 saves CLIPTextModel without the `text_model.` prefix that every hub checkpoint
         # (and our export) has; v5 reads both.
         flat = read_config(sub).get("architectures") == ["CLIPTextModel"]
