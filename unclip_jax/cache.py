@@ -8,6 +8,10 @@ later process with the same configuration loads them instead of compiling again.
 The folder is $UNCLIP_JAX_CACHE_DIR when that is set (set to the empty string: no cache), else
 $XDG_CACHE_HOME/unclip-jax/jax, else ~/.cache/unclip-jax/jax. The `unclip-jax` command turns it on by
 default (`--no-compile-cache` turns it off).
+
+The same call also keeps, in the subfolder `abstract/`, each model's abstract param tree (paths, shapes
+and dtypes as JSON; `weights.convert.abstract_params`), so that a later process checks and loads params
+without tracing every model's init again.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ CACHE_DIR_ENV = "UNCLIP_JAX_CACHE_DIR"
 # Programs that compile faster than this are not written. The tiny pipelines' loops compile in about a
 # second on a CPU; the little eager programs around them in a few milliseconds, which also add up.
 _MIN_COMPILE_SECONDS = 0.0
+# Where `abstract_params` keeps its trees across processes; set by `enable_compilation_cache`.
+_abstract_dir: str | None = None
 
 
 def default_cache_dir() -> str | None:
@@ -34,10 +40,18 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     """Turns on JAX's persistent compilation cache in `path` (default: `default_cache_dir()`), creating the
     folder; returns it, or None when the environment turns the cache off. Call it before the first
     compilation: JAX reads the setting once per process."""
+    global _abstract_dir
     folder = default_cache_dir() if path is None else os.fspath(path)
     if not folder:
         return None
     os.makedirs(folder, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS)
+    # JAX's cache reads only its own `*-cache` files, so a subfolder beside them is left alone.
+    _abstract_dir = os.path.join(folder, "abstract")
     return folder
+
+
+def abstract_cache_dir() -> str | None:
+    """The folder of cached abstract param trees; None until `enable_compilation_cache` turned it on."""
+    return _abstract_dir
