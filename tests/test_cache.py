@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax import cache
 from unclip_jax.models import clip, prior
 from unclip_jax.pipelines.base import DiffusionPipeline
 from unclip_jax.weights import convert
@@ -33,7 +32,7 @@ def _traced(model, inputs):
 def fresh(monkeypatch, tmp_path):
     """An empty in-process cache, the disk cache in tmp_path/abstract, and a count of init tracings."""
     monkeypatch.setattr(convert, "_MEMO", {})
-    monkeypatch.setattr(cache, "_abstract_dir", str(tmp_path / "abstract"))
+    monkeypatch.setattr(convert, "_ABSTRACT_DIR", str(tmp_path / "abstract"))
     traced = []
     real = jax.eval_shape
 
@@ -126,7 +125,7 @@ def test_source_digest_changes_with_the_code(tmp_path, monkeypatch):
 
 def test_no_disk_cache_unless_enabled(fresh, monkeypatch):
     folder, traced = fresh
-    monkeypatch.setattr(cache, "_abstract_dir", None)
+    monkeypatch.setattr(convert, "_ABSTRACT_DIR", None)
     model, inputs = _text()
     assert convert.abstract_params(model, *inputs) == _traced(model, inputs)
     assert not folder.exists()
@@ -150,3 +149,12 @@ def test_pipeline_params_check_reuses_the_loaded_tree(fresh):
     with pytest.raises(ConversionError, match="image_normalizer"):
         pipe.check_params({"image_normalizer": bad}, ["image_normalizer"])
     assert traced == []
+
+
+def test_enable_compilation_cache_keeps_trees_in_its_folder(tmp_path, monkeypatch):
+    from unclip_jax import cache
+
+    monkeypatch.setattr(convert, "_ABSTRACT_DIR", None)
+    monkeypatch.setattr(cache.jax.config, "update", lambda *a: None)  # this process's JAX stays as it is
+    assert cache.enable_compilation_cache(tmp_path / "c") == str(tmp_path / "c")
+    assert convert._ABSTRACT_DIR == str(tmp_path / "c" / "abstract")

@@ -24,8 +24,6 @@ CACHE_DIR_ENV = "UNCLIP_JAX_CACHE_DIR"
 # Programs that compile faster than this are not written. The tiny pipelines' loops compile in about a
 # second on a CPU; the little eager programs around them in a few milliseconds, which also add up.
 _MIN_COMPILE_SECONDS = 0.0
-# Where `abstract_params` keeps its trees across processes; set by `enable_compilation_cache`.
-_abstract_dir: str | None = None
 
 
 def default_cache_dir() -> str | None:
@@ -40,7 +38,6 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     """Turns on JAX's persistent compilation cache in `path` (default: `default_cache_dir()`), creating the
     folder; returns it, or None when the environment turns the cache off. Call it before the first
     compilation: JAX reads the setting once per process."""
-    global _abstract_dir
     folder = default_cache_dir() if path is None else os.fspath(path)
     if not folder:
         return None
@@ -48,10 +45,7 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS)
     # JAX's cache reads only its own `*-cache` files, so a subfolder beside them is left alone.
-    _abstract_dir = os.path.join(folder, "abstract")
+    from unclip_jax.weights.convert import keep_abstract_trees  # noqa: PLC0415  (import time: flax)
+
+    keep_abstract_trees(os.path.join(folder, "abstract"))
     return folder
-
-
-def abstract_cache_dir() -> str | None:
-    """The folder of cached abstract param trees; None until `enable_compilation_cache` turned it on."""
-    return _abstract_dir

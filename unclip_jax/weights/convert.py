@@ -191,7 +191,7 @@ def abstract_params(model, *inputs, **kwargs):
 
     Tracing a model's init takes seconds, so the tree is computed once per process for each (module,
     input shapes) and, when `unclip_jax.cache.enable_compilation_cache` is on, kept on disk for later
-    processes (see `_disk_key` for what a stored tree is keyed by). Every call returns a fresh dict."""
+    processes (`keep_abstract_trees`; `_disk_key` says what a stored tree is keyed by). Every call returns a fresh dict."""
     key = _memo_key(model, inputs, kwargs)
     flat = _MEMO.get(key) if key is not None else None
     if flat is None:
@@ -264,12 +264,20 @@ def _disk_key(model, inputs, kwargs) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _disk_path(model, inputs, kwargs) -> str | None:
-    from unclip_jax.cache import abstract_cache_dir  # noqa: PLC0415
+# Where `abstract_params` keeps its trees across processes (None: in memory only).
+_ABSTRACT_DIR: str | None = None
 
-    folder = abstract_cache_dir()
-    key = _disk_key(model, inputs, kwargs) if folder else None
-    return os.path.join(folder, f"{type(model).__name__}-{key}.json") if key else None
+
+def keep_abstract_trees(folder: str | os.PathLike | None) -> None:
+    """Makes `abstract_params` keep its trees in `folder` (None: in memory only);
+    `unclip_jax.cache.enable_compilation_cache` calls it with a subfolder of the compilation cache."""
+    global _ABSTRACT_DIR
+    _ABSTRACT_DIR = None if folder is None else os.fspath(folder)
+
+
+def _disk_path(model, inputs, kwargs) -> str | None:
+    key = _disk_key(model, inputs, kwargs) if _ABSTRACT_DIR else None
+    return os.path.join(_ABSTRACT_DIR, f"{type(model).__name__}-{key}.json") if key else None
 
 
 def _read_abstract(path: str):
