@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         job = ["txt2img", PROMPT, "--model", model, "--steps", "4", "--prior-steps", "4", "--out",
                os.path.join(tmp, "out")]
         first, first_parts = _run(job, env)
-        entries = len(os.listdir(env["UNCLIP_JAX_CACHE_DIR"]))
+        entries = len([n for n in os.listdir(env["UNCLIP_JAX_CACHE_DIR"]) if n.endswith("-cache")])
         second, second_parts = _run(job, env)
         uncached, uncached_parts = _run([*job, "--no-compile-cache"], env)
     ratio = second / first

@@ -8,6 +8,10 @@ later process with the same configuration loads them instead of compiling again.
 The folder is $UNCLIP_JAX_CACHE_DIR when that is set (set to the empty string: no cache), else
 $XDG_CACHE_HOME/unclip-jax/jax, else ~/.cache/unclip-jax/jax. The `unclip-jax` command turns it on by
 default (`--no-compile-cache` turns it off).
+
+The same call also keeps, in the subfolder `abstract/`, each model's abstract param tree (paths, shapes
+and dtypes as JSON; `weights.convert.abstract_params`), so that a later process checks and loads params
+without tracing every model's init again.
 """
 
 from __future__ import annotations
@@ -40,4 +44,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     os.makedirs(folder, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS)
+    # JAX's cache reads only its own `*-cache` files, so a subfolder beside them is left alone.
+    from unclip_jax.weights.convert import keep_abstract_trees  # noqa: PLC0415  (import time: flax)
+
+    keep_abstract_trees(os.path.join(folder, "abstract"))
     return folder

@@ -37,6 +37,7 @@ from unclip_jax.pipelines.common import (
 from unclip_jax.pipelines.loading import PipelineBase
 from unclip_jax.sharding import constrain, shard_call
 from unclip_jax.textual_inversion import TextualInversionLoaderMixin
+from unclip_jax.weights.convert import abstract_params
 from unclip_jax.weights.tree import check_tree
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,9 +124,8 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, PipelineBa
 
     def check_params(self, params, names) -> None:
         """Checks, before any work, that `params` holds a tree of the right structure and shapes for
-        each model component in `names` (against `jax.eval_shape` of the module's init, computed once
-        per module and cached): a ConversionError (a ValueError) lists missing, unexpected and mis-shaped
-        paths."""
+        each model component in `names` (against `abstract_params` of the module, the trees loading
+        used): a ConversionError (a ValueError) lists missing, unexpected and mis-shaped paths."""
         if not isinstance(params, Mapping):
             raise TypeError(f"params must be a dict component -> param tree; got {type(params).__name__}")
         self.require(*names)
@@ -138,8 +138,8 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, PipelineBa
                                  f"{sorted(params)}")
             cached = self._abstract.get(name)
             if cached is None or cached[0] is not module:
-                shapes = jax.eval_shape(lambda m=module: m.init(jax.random.key(0), *_abstract_inputs(m)))
-                cached = self._abstract[name] = (module, shapes["params"])
+                # The same cached trees that loading checked the saved params against.
+                cached = self._abstract[name] = (module, abstract_params(module, *_abstract_inputs(module)))
             if not isinstance(params[name], Mapping):
                 raise TypeError(f"params[{name!r}] must be a param tree (a dict); got {type(params[name]).__name__}")
             check_tree(params[name], cached[1], f"params[{name!r}]")

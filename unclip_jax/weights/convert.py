@@ -15,7 +15,13 @@ only shapes, so real-size checkpoints are checked without allocating them.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 import re
+import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -181,9 +187,123 @@ def convert(
 
 
 def abstract_params(model, *inputs, **kwargs):
-    """The model's param tree as ShapeDtypeStructs (no allocation), without the 'params' wrapper."""
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, **kwargs))
-    return _unfreeze(variables)["params"]
+    """The model's param tree as ShapeDtypeStructs (no allocation), without the 'params' wrapper.
+
+    Tracing a model's init takes seconds, so the tree is computed once per process for each (module,
+    input shapes) and, when `unclip_jax.cache.enable_compilation_cache` is on, kept on disk for later
+    processes (`keep_abstract_trees`; `_disk_key` says what a stored tree is keyed by). Every call returns a fresh dict."""
+    key = _memo_key(model, inputs, kwargs)
+    flat = _MEMO.get(key) if key is not None else None
+    if flat is None:
+        path = _disk_path(model, inputs, kwargs)
+        flat = _read_abstract(path) if path else None
+        if flat is None:
+            variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, **kwargs))
+            flat = traverse_util.flatten_dict(_unfreeze(_unfreeze(variables)["params"]))
+            if path:
+                _write_abstract(path, flat)
+        if key is not None:
+            _MEMO[key] = flat
+    return traverse_util.unflatten_dict(dict(flat))
+
+
+# (module, input shapes, kwargs) -> the flat abstract tree {path tuple: ShapeDtypeStruct}.
+_MEMO: dict = {}
+
+
+def _shapes_of(tree):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__))) for x in leaves)
+
+
+def _memo_key(model, inputs, kwargs):
+    """A hashable key: linen modules are frozen dataclasses hashed by their fields (config included).
+    None (no caching) when something in it is unhashable or not an array."""
+    try:
+        key = (type(model), model, _shapes_of((inputs, kwargs)))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _source_digest(cls) -> str:
+    """A digest of the Python files beside the module's class (its model family and shared layers):
+    a stored tree goes stale when the code that builds the params changes."""
+    folder = os.path.dirname(os.path.abspath(sys.modules[cls.__module__].__file__))
+    if folder not in _SOURCE_DIGESTS:
+        h = hashlib.sha256()
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(name.encode() + b"\0" + f.read() + b"\0")
+        _SOURCE_DIGESTS[folder] = h.hexdigest()
+    return _SOURCE_DIGESTS[folder]
+
+
+_SOURCE_DIGESTS: dict[str, str] = {}
+
+
+def _disk_key(model, inputs, kwargs) -> str | None:
+    """The stored tree's name: a hash of the module's class, its fields (the config, dtype, flags), the
+    input shapes and dtypes, the keyword arguments, the source of the class's package folder, and the
+    jax and flax versions. None where a field prints with an address (no stable name)."""
+    import flax  # noqa: PLC0415
+
+    cls = type(model)
+    try:
+        fields = [(f.name, repr(getattr(model, f.name))) for f in dataclasses.fields(model)
+                  if f.name not in ("parent", "name")]
+        treedef, leaves = _shapes_of((inputs, kwargs))
+        text = repr((cls.__module__, cls.__qualname__, fields, str(treedef), leaves, _source_digest(cls),
+                     jax.__version__, flax.__version__))
+    except (TypeError, AttributeError, KeyError, OSError):
+        return None
+    if " at 0x" in text:
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# Where `abstract_params` keeps its trees across processes (None: in memory only).
+_ABSTRACT_DIR: str | None = None
+
+
+def keep_abstract_trees(folder: str | os.PathLike | None) -> None:
+    """Makes `abstract_params` keep its trees in `folder` (None: in memory only);
+    `unclip_jax.cache.enable_compilation_cache` calls it with a subfolder of the compilation cache."""
+    global _ABSTRACT_DIR
+    _ABSTRACT_DIR = None if folder is None else os.fspath(folder)
+
+
+def _disk_path(model, inputs, kwargs) -> str | None:
+    key = _disk_key(model, inputs, kwargs) if _ABSTRACT_DIR else None
+    return os.path.join(_ABSTRACT_DIR, f"{type(model).__name__}-{key}.json") if key else None
+
+
+def _read_abstract(path: str):
+    """A stored flat tree, or None when it is missing, unreadable or not of the expected form."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)["params"]
+        return {tuple(p): jax.ShapeDtypeStruct(tuple(int(n) for n in shape), jnp.dtype(dtype))
+                for p, shape, dtype in entries}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_abstract(path: str, flat) -> None:
+    """Writes the flat tree atomically (a temporary file, then a rename); a failure only loses the entry."""
+    entries = [[list(p), list(x.shape), jnp.dtype(x.dtype).name] for p, x in flat.items()]
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"params": entries}, f)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _unfreeze(tree):
