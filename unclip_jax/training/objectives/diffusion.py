@@ -4,8 +4,8 @@ What diffusers' training scripts compute (train_text_to_image, the Kandinsky 2.2
 over arrays: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps at t ~ U{0, T-1} (Ho et al. 2020, eq. 4); the
 target is eps, v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022) or x_0, as the training
 scheduler's prediction type says; the squared error is averaged per example and weighted by min-SNR-gamma
-(Hang et al. 2023: min(SNR_t, gamma) / SNR_t for eps, / (SNR_t + 1) for v, unweighted divisor for x_0),
-then averaged over the batch. The noise offset (Guttenberg 2023) adds one extra draw per example and
+(Hang et al. 2023: min(SNR_t, gamma) / SNR_t for eps, / (SNR_t + 1) for v, min(SNR_t, gamma) alone for
+x_0, as the scripts leave it), then averaged over the batch. The noise offset (Guttenberg 2023) adds one extra draw per example and
 channel, scaled by `noise_offset`, to the noise.
 
 The training schedule is a DDPM one built from the pipeline scheduler's config, as the scripts'
