@@ -74,6 +74,9 @@ def test_key_follows_config_dtype_and_input_shapes(fresh):
     model, _ = _text()
     assert convert.abstract_params(model, jnp.zeros((1, 4), jnp.int32)) == _traced(model, (jnp.zeros((1, 4), jnp.int32),))
     assert len(_entries(folder)) == 4
+    # A Python value among the arguments is part of the key, not only its type.
+    one = convert._memo_key(model, (jnp.zeros((1, 8), jnp.int32),), {"clip_skip": 1})
+    assert one != convert._memo_key(model, (jnp.zeros((1, 8), jnp.int32),), {"clip_skip": 0})
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong form", "empty"])

@@ -212,8 +212,10 @@ _MEMO: dict = {}
 
 
 def _shapes_of(tree):
+    """The tree's structure, and each leaf's shape and dtype (an array) or its value (a Python scalar)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x).__name__))) for x in leaves)
+    return treedef, tuple((tuple(x.shape), str(x.dtype)) if hasattr(x, "shape") and hasattr(x, "dtype")
+                          else (type(x).__name__, repr(x)) for x in leaves)
 
 
 def _memo_key(model, inputs, kwargs):
