@@ -337,7 +337,7 @@ def test_bench_left_the_command_and_the_package():
 
 
 def test_tiny_kinds_and_convert_dtypes_match_the_library():
-    from unclip_jax.conversion import DTYPES
+    from unclip_jax.weights.convert import DTYPES
     from unclip_jax.tiny import KINDS
 
     assert cli.tiny.KINDS == KINDS and cli.convert.DTYPES == tuple(DTYPES)

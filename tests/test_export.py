@@ -174,7 +174,7 @@ def test_half_precision_variants_load_in_diffusers(pipeline_pairs, tmp_path, dty
 def test_command_writes_atomically(pipeline_dirs, tmp_path, capsys):
     from unclip_jax.cli import export as command
     from unclip_jax.cli import main
-    from unclip_jax.conversion import DTYPES
+    from unclip_jax.weights.convert import DTYPES
 
     assert set(command.DTYPES) == set(DTYPES)
     src = str(pipeline_dirs("depth2img", "b"))

@@ -2,7 +2,8 @@
 
 The command is `unclip-jax convert SOURCE OUT ...` (unclip_jax/cli/convert.py). SOURCE may also be
 Stability's single-file checkpoint (.ckpt / .safetensors in the LDM layout: sd21-unclip-h/-l,
-512-depth-ema), with `config_from` for its configs: see `weights/single_file.py`.
+512-depth-ema), with `config_from` for its configs: see `weights/single_file.py` (`convert_single_file` here).
+`export_pipeline` is the way back: any pipeline we load -> a diffusers-format folder (`weights/export.py`).
 
 The pipeline class comes from `_class_name` in the source's model_index.json. Components are converted
 one at a time (each model's PyTorch tensors read from the memory-mapped file, transposed and cast one
@@ -19,8 +20,7 @@ import os
 import sys
 import time
 
-import ml_dtypes
-import numpy as np
+import jax
 from tqdm.auto import tqdm
 
 from unclip_jax.pipelines.depth2img import StableDiffusionDepth2ImgPipeline
@@ -28,10 +28,10 @@ from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline, Stab
 from unclip_jax.weights import folder as disk
 from unclip_jax.weights.checkpoint import pipeline_weight_sets
 from unclip_jax.weights.components import ARCHITECTURES, load_component
+from unclip_jax.weights.convert import DTYPES
 from unclip_jax.weights.hub import resolve
 from unclip_jax.weights.orbax_io import ORBAX_DIR, save_params
-
-DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16)}
+from unclip_jax.weights.single_file import infer_kind, is_single_file, open_single_file
 # Testing hook: seconds to sleep after each component, so a test can kill the process midway.
 PAUSE_ENV = "UNCLIP_JAX_CONVERT_PAUSE"
 
@@ -71,8 +71,6 @@ def convert_pipeline(
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     disk.check_destination(os.path.abspath(out), overwrite=overwrite, flag="--overwrite")
     where = dict(revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
-    from unclip_jax.weights.single_file import convert_single_file, is_single_file  # noqa: PLC0415
-
     if is_single_file(source):
         return convert_single_file(source, out, config=config_from, dtype=dtype, overwrite=overwrite, **where)
     # The pipeline class decides what to fetch, so the index comes first (alone), then its components.
@@ -111,6 +109,40 @@ def convert_component(src: str, dst: str, *, dtype: str = "fp32", variant: str |
     _, params = load_component(src, param_dtype=DTYPES[dtype], variant=variant, architecture=architecture,
                                orbax=False)
     save_params(os.path.join(dst, ORBAX_DIR), params)
+
+
+def convert_single_file(path: str, out: str, *, config: str | None = None, dtype: str = "fp32",
+                        revision: str | None = None, local_files_only: bool = False, cache_dir: str | None = None,
+                        overwrite: bool = False) -> str:
+    """A single file -> a `save_pretrained` (orbax) folder at `out`, written atomically. The pipeline class
+    is the config folder's (`_class_name` of its model_index.json), else the kind's."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    disk.check_destination(os.path.abspath(out), overwrite=overwrite, flag="--overwrite")
+    where = dict(revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
+    if config is not None:
+        cls = _pipeline_class(disk.read_model_index(resolve(config, (), **where)), config)
+    else:
+        shapes = {k: tuple(v.shape) for k, v in open_single_file(path).items()}
+        cls = pipeline_classes()[infer_kind(shapes, path).pipeline]
+    pipe, params = cls.from_single_file(path, config=config, **where)
+    params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
+    pipe.save_pretrained(out, params, overwrite=overwrite)
+    return out
+
+
+def export_pipeline(source: str, out: str, *, dtype: str = "fp32", variant: bool = False,
+                    overwrite: bool = False, local_files_only: bool = False) -> str:
+    """Loads the pipeline at `source` (orbax or diffusers folder, hub repo id) and writes it to `out` in
+    diffusers' format (`variant`: name the weight files after `dtype`); returns `out`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    disk.check_destination(os.path.abspath(out), overwrite=overwrite, flag="--overwrite")
+    cls = _pipeline_class(disk.read_model_index(resolve(source, (), local_files_only=local_files_only)), source)
+    pipe, params = cls.from_pretrained(source, local_files_only=local_files_only)
+    pipe.save_pretrained(out, params, format="diffusers", dtype=dtype, variant=dtype if variant else None,
+                         overwrite=overwrite)
+    return out
 
 
 def _pipeline_class(index: dict, source: str):

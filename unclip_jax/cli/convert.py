@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from unclip_jax.cli.parsing import command_parser
 
-DTYPES = ("fp32", "bf16", "fp16")  # `unclip_jax.conversion.DTYPES` (a test keeps them equal)
+DTYPES = ("fp32", "bf16", "fp16")  # `unclip_jax.weights.convert.DTYPES` (a test keeps them equal)
 
 
 def add_parser(sub) -> None:

@@ -1,12 +1,12 @@
 """`unclip-jax export`: any pipeline we load -> a diffusers-format folder (PyTorch-named safetensors, configs,
 tokenizer and processor files, model_index.json) that diffusers' `from_pretrained` loads. The command half of
-`unclip_jax.weights.export.export_pipeline`."""
+`unclip_jax.conversion.export_pipeline`."""
 
 from __future__ import annotations
 
 from unclip_jax.cli.parsing import command_parser
 
-DTYPES = ("fp32", "bf16", "fp16")  # `unclip_jax.conversion.DTYPES`
+DTYPES = ("fp32", "bf16", "fp16")  # `unclip_jax.weights.convert.DTYPES`
 
 
 def add_parser(sub) -> None:
@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 
 def run(args, progress: bool) -> None:
     del progress
-    from unclip_jax.weights.export import export_pipeline  # noqa: PLC0415  (import time: jax, see cli.common)
+    from unclip_jax.conversion import export_pipeline  # noqa: PLC0415  (import time: jax, see cli.common)
 
     out = export_pipeline(args.source, args.out, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite,
                           local_files_only=args.local_files_only)

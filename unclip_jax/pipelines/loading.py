@@ -15,8 +15,9 @@ import jax.numpy as jnp
 
 from unclip_jax.image_processing import CLIPImageProcessor
 from unclip_jax.image_processing_dpt import DPTImageProcessor
-from unclip_jax.schedulers import SCHEDULERS
+from unclip_jax.schedulers import SCHEDULERS, scheduler_from_config
 from unclip_jax.tokenizer import load_tokenizer
+from unclip_jax.weights import ldm
 from unclip_jax.weights.checkpoint import pipeline_weight_sets, read_config
 from unclip_jax.weights.components import ShardingSpec, load_component
 from unclip_jax.weights.folder import (
@@ -26,7 +27,10 @@ from unclip_jax.weights.folder import (
     read_model_index,
     save_pipeline,
 )
-from unclip_jax.weights.hub import resolve
+from unclip_jax.weights.errors import CheckpointError, ConversionError
+from unclip_jax.weights.export import diffusers_writer
+from unclip_jax.weights.hub import is_repo_id, resolve
+from unclip_jax.weights.single_file import convert_component, has_prefix, infer_kind, leftovers, open_single_file
 
 # transformers v5 records its PIL-backend classes (`...Pil`) in folders it saves.
 PROCESSORS = {
@@ -86,6 +90,50 @@ def load_pipeline(
             components[name], params[name] = load_component(sub, dtype=dtype, variant=chosen, architecture=cls,
                                                             sharding=sharding, name=name)
     return components, params
+
+
+def load_single_file(cls, path: str, *, config: str | None = None, prediction_type: str | None = None,
+                     dtype=jnp.float32, revision: str | None = None, local_files_only: bool = False,
+                     cache_dir: str | None = None, **components) -> tuple[Any, dict]:
+    """(pipeline, params) of pipeline class `cls` from a single file; see `PipelineBase.from_single_file`."""
+    state = open_single_file(path)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    kind = infer_kind(shapes, path)
+    if config is None:
+        if cls.__name__ not in kind.configs:
+            fits = f"it fits {', '.join(kind.configs)}" if kind.configs else "no default configs"
+            raise CheckpointError(f"{path} is {kind.name} ({fits}): pass `config=` (--config-from) a diffusers "
+                                  f"folder or hub id of {cls.__name__} to take the configs from")
+        config = kind.configs[cls.__name__]
+    in_file = [n for n in cls.COMPONENTS if n in ldm.COMPONENTS and n not in components
+               and has_prefix(shapes, ldm.COMPONENTS[n][0])]
+    left = leftovers(shapes, ())
+    if left:
+        raise ConversionError(path, unexpected=left)
+    where = dict(revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
+    rest = tuple(n for n in cls.COMPONENTS if n not in in_file and n not in components)
+    folder = resolve(config, rest, **where)
+    index = read_model_index(folder)
+    missing = [n for n in cls.COMPONENTS if n not in components and (
+        n not in index or (n not in in_file and index[n][1] is not None and not os.path.isdir(os.path.join(folder, n))))]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}, and {config} (config) has none: pass `config=` "
+                              f"(--config-from) a diffusers folder or hub id of {cls.__name__} that has them")
+    overrides = dict(components)
+    for name in in_file:
+        sub = os.path.join(folder, name)
+        if not os.path.isfile(os.path.join(sub, "config.json")) and is_repo_id(config):
+            import huggingface_hub  # noqa: PLC0415
+
+            sub = os.path.dirname(huggingface_hub.hf_hub_download(config, f"{name}/config.json", **where))
+        overrides[name] = convert_component(state, shapes, name, read_config(sub), dtype=dtype, what=path)
+    if "scheduler" in cls.COMPONENTS and "scheduler" not in components:
+        sched = read_config(os.path.join(folder, "scheduler"), "scheduler_config.json")
+        overrides["scheduler"] = scheduler_from_config(sched, prediction_type=prediction_type or kind.prediction_type)
+    comps, params = load_pipeline(folder, cls.COMPONENTS, dtype=dtype, overrides=overrides)
+    pipe = cls(**comps)
+    pipe._source, pipe._index = folder, index
+    return pipe, params
 
 
 class PipelineBase:
@@ -150,8 +198,6 @@ class PipelineBase:
           prediction_type: the scheduler's (default: v_prediction for unCLIP, epsilon for depth).
           dtype, revision, local_files_only, cache_dir, **components: as in `from_pretrained`.
         """
-        from unclip_jax.weights.single_file import load_single_file  # noqa: PLC0415
-
         return load_single_file(cls, path, config=config, prediction_type=prediction_type, dtype=dtype,
                                 revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
                                 **components)
@@ -164,8 +210,6 @@ class PipelineBase:
 
         `directory` must not exist; with `overwrite`, an existing pipeline folder (one with
         model_index.json) is replaced, atomically; anything else there is refused before any work."""
-        from unclip_jax.weights.export import diffusers_writer  # noqa: PLC0415
-
         if format not in ("orbax", "diffusers"):
             raise ValueError(f"format must be 'orbax' or 'diffusers'; got {format!r}")
         writer = diffusers_writer(dtype, variant) if format == "diffusers" else None

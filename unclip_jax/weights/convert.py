@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
@@ -97,6 +98,9 @@ def _conv(x):
 def _conv1x1_to_linear(x):
     return x.reshape(x.shape[0], x.shape[1]).T
 
+
+# Saved param dtypes by name (convert, export, single files).
+DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16)}
 
 LAYOUTS = {
     ("kernel", 2, 2): _linear,

@@ -28,9 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from unclip_jax.weights import components as registry
 from unclip_jax.weights import convert as fwd
-from unclip_jax.weights.convert import Rules, abstract_params, plan
+from unclip_jax.weights.checkpoint import read_config
+from unclip_jax.weights.convert import DTYPES, Rules, abstract_params, plan
 from unclip_jax.weights.errors import CheckpointError, ConversionError
+from unclip_jax.weights.safetensors_io import save_file
 from unclip_jax.weights.tree import check_tree
 
 # The inverse of each forward layout (see `convert.LAYOUTS`), keyed by the forward transform.
@@ -129,11 +132,6 @@ def write_component(folder: str, params, *, dtype: str = "fp32", variant: str | 
 
     The model, its table and its abstract params come from the config already in `folder`.
     """
-    from unclip_jax.conversion import DTYPES  # noqa: PLC0415
-    from unclip_jax.weights import components as registry  # noqa: PLC0415
-    from unclip_jax.weights.checkpoint import read_config  # noqa: PLC0415
-    from unclip_jax.weights.safetensors_io import save_file  # noqa: PLC0415
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     config = read_config(folder)
@@ -147,8 +145,6 @@ def write_component(folder: str, params, *, dtype: str = "fp32", variant: str | 
 
 def diffusers_writer(dtype: str = "fp32", variant: str | None = None):
     """A `save_pipeline` params writer that writes diffusers/transformers safetensors."""
-    from unclip_jax.conversion import DTYPES  # noqa: PLC0415
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
 
@@ -160,20 +156,3 @@ def diffusers_writer(dtype: str = "fp32", variant: str | None = None):
 
     return write
 
-
-def export_pipeline(source: str, out: str, *, dtype: str = "fp32", variant: bool = False,
-                    overwrite: bool = False, local_files_only: bool = False) -> str:
-    """Loads the pipeline at `source` (orbax or diffusers folder, hub repo id) and writes it to `out` in
-    diffusers' format (`variant`: name the weight files after `dtype`); returns `out`."""
-    from unclip_jax.conversion import DTYPES, _pipeline_class  # noqa: PLC0415
-    from unclip_jax.weights.folder import check_destination, read_model_index  # noqa: PLC0415
-    from unclip_jax.weights.hub import resolve  # noqa: PLC0415
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    check_destination(os.path.abspath(out), overwrite=overwrite, flag="--overwrite")
-    cls = _pipeline_class(read_model_index(resolve(source, (), local_files_only=local_files_only)), source)
-    pipe, params = cls.from_pretrained(source, local_files_only=local_files_only)
-    pipe.save_pretrained(out, params, format="diffusers", dtype=dtype, variant=dtype if variant else None,
-                         overwrite=overwrite)
-    return out

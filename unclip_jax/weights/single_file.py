@@ -23,9 +23,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax.weights import components as registry
 from unclip_jax.weights import ldm
+from unclip_jax.weights.checkpoint import read_pickle
 from unclip_jax.weights.convert import abstract_params, convert, plan
-from unclip_jax.weights.errors import CheckpointError, ConversionError
+from unclip_jax.weights.errors import CheckpointError
 from unclip_jax.weights.safetensors_io import SafetensorsFile
 
 SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -80,8 +82,6 @@ def open_single_file(path: str) -> Mapping:
         return SafetensorsFile(path)
     if not path.endswith(SINGLE_FILE_EXTENSIONS):
         raise CheckpointError(f"{path}: not a checkpoint file (expected one of {', '.join(SINGLE_FILE_EXTENSIONS)})")
-    from unclip_jax.weights.checkpoint import read_pickle  # noqa: PLC0415
-
     # A Lightning checkpoint (Stability's .ckpt) keeps the state dict under "state_dict", beside counters.
     obj = read_pickle(path, "checkpoint")
     sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj
@@ -101,11 +101,11 @@ def infer_kind(shapes: Mapping[str, tuple], path: str = "checkpoint") -> Kind:
     raise CheckpointError(f"{path}: not a checkpoint this reads (Stable unCLIP H/L, SD 2 depth): {seen}")
 
 
-def _present(shapes, prefix: str) -> bool:
+def has_prefix(shapes, prefix: str) -> bool:
     return any(k.startswith(prefix) for k in shapes)
 
 
-def _leftovers(shapes, used_prefixes) -> list[str]:
+def leftovers(shapes, used_prefixes) -> list[str]:
     """Tensors that belong to no model of the file and are not known non-params."""
     known = [re.compile(p) for p in ldm.NOT_PARAMS]
     prefixes = tuple(prefix for prefix, _ in ldm.COMPONENTS.values()) + tuple(used_prefixes)
@@ -115,8 +115,6 @@ def _leftovers(shapes, used_prefixes) -> list[str]:
 def convert_component(state: Mapping, shapes: Mapping, name: str, config: dict, *, dtype=jnp.float32,
                       param_dtype=None, what: str = "checkpoint"):
     """One model of a single file -> (module, params), its config from a diffusers folder."""
-    from unclip_jax.weights import components as registry  # noqa: PLC0415
-
     prefix, table = ldm.COMPONENTS[name]
     built = registry.build(config, dtype, folder=f"{what} ({name})")
     view = ldm.LDMView(state, prefix, shapes)
@@ -127,87 +125,9 @@ def convert_component(state: Mapping, shapes: Mapping, name: str, config: dict, 
 
 def plan_component(shapes: Mapping, name: str, config: dict, what: str = "checkpoint"):
     """The plan of one model of a single file, from shapes alone (nothing allocated)."""
-    from unclip_jax.weights import components as registry  # noqa: PLC0415
-
     prefix, table = ldm.COMPONENTS[name]
     built = registry.build(config, folder=f"{what} ({name})")
     view = ldm.LDMView({}, prefix, shapes)
     return plan({k: view.shape(k) for k in view}, abstract_params(built.module, *built.dummy_inputs),
                 table(config), what=f"{what}: {name}")
 
-
-def load_single_file(cls, path: str, *, config: str | None = None, prediction_type: str | None = None,
-                     dtype=jnp.float32, revision: str | None = None, local_files_only: bool = False,
-                     cache_dir: str | None = None, **components) -> tuple[Any, dict]:
-    """(pipeline, params) of pipeline class `cls` from a single file; see `PipelineBase.from_single_file`."""
-    from unclip_jax.pipelines.loading import load_pipeline  # noqa: PLC0415
-    from unclip_jax.weights.folder import read_model_index  # noqa: PLC0415
-    from unclip_jax.weights.hub import is_repo_id, resolve  # noqa: PLC0415
-    from unclip_jax.schedulers import scheduler_from_config  # noqa: PLC0415
-    from unclip_jax.weights.checkpoint import read_config  # noqa: PLC0415
-
-    state = open_single_file(path)
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    kind = infer_kind(shapes, path)
-    if config is None:
-        if cls.__name__ not in kind.configs:
-            fits = f"it fits {', '.join(kind.configs)}" if kind.configs else "no default configs"
-            raise CheckpointError(f"{path} is {kind.name} ({fits}): pass `config=` (--config-from) a diffusers "
-                                  f"folder or hub id of {cls.__name__} to take the configs from")
-        config = kind.configs[cls.__name__]
-    in_file = [n for n in cls.COMPONENTS if n in ldm.COMPONENTS and n not in components
-               and _present(shapes, ldm.COMPONENTS[n][0])]
-    left = _leftovers(shapes, ())
-    if left:
-        raise ConversionError(path, unexpected=left)
-    where = dict(revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
-    rest = tuple(n for n in cls.COMPONENTS if n not in in_file and n not in components)
-    folder = resolve(config, rest, **where)
-    index = read_model_index(folder)
-    missing = [n for n in cls.COMPONENTS if n not in components and (
-        n not in index or (n not in in_file and index[n][1] is not None and not os.path.isdir(os.path.join(folder, n))))]
-    if missing:
-        raise CheckpointError(f"{path} lacks {', '.join(missing)}, and {config} (config) has none: pass `config=` "
-                              f"(--config-from) a diffusers folder or hub id of {cls.__name__} that has them")
-    overrides = dict(components)
-    for name in in_file:
-        sub = os.path.join(folder, name)
-        if not os.path.isfile(os.path.join(sub, "config.json")) and is_repo_id(config):
-            import huggingface_hub  # noqa: PLC0415
-
-            sub = os.path.dirname(huggingface_hub.hf_hub_download(config, f"{name}/config.json", **where))
-        overrides[name] = convert_component(state, shapes, name, read_config(sub), dtype=dtype, what=path)
-    if "scheduler" in cls.COMPONENTS and "scheduler" not in components:
-        sched = read_config(os.path.join(folder, "scheduler"), "scheduler_config.json")
-        overrides["scheduler"] = scheduler_from_config(sched, prediction_type=prediction_type or kind.prediction_type)
-    comps, params = load_pipeline(folder, cls.COMPONENTS, dtype=dtype, overrides=overrides)
-    pipe = cls(**comps)
-    pipe._source, pipe._index = folder, index
-    return pipe, params
-
-
-
-def convert_single_file(path: str, out: str, *, config: str | None = None, dtype: str = "fp32",
-                        revision: str | None = None, local_files_only: bool = False, cache_dir: str | None = None,
-                        overwrite: bool = False) -> str:
-    """A single file -> a `save_pretrained` (orbax) folder at `out`, written atomically. The pipeline class
-    is the config folder's (`_class_name` of its model_index.json), else the kind's."""
-    import jax  # noqa: PLC0415
-
-    from unclip_jax.conversion import DTYPES, _pipeline_class, pipeline_classes  # noqa: PLC0415
-    from unclip_jax.weights.folder import check_destination, read_model_index  # noqa: PLC0415
-    from unclip_jax.weights.hub import resolve  # noqa: PLC0415
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    check_destination(os.path.abspath(out), overwrite=overwrite, flag="--overwrite")
-    where = dict(revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
-    if config is not None:
-        cls = _pipeline_class(read_model_index(resolve(config, (), **where)), config)
-    else:
-        shapes = {k: tuple(v.shape) for k, v in open_single_file(path).items()}
-        cls = pipeline_classes()[infer_kind(shapes, path).pipeline]
-    pipe, params = cls.from_single_file(path, config=config, **where)
-    params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
-    pipe.save_pretrained(out, params, overwrite=overwrite)
-    return out
