@@ -32,6 +32,7 @@ from unclip_jax.weights.convert import DTYPES
 from unclip_jax.weights.hub import resolve
 from unclip_jax.weights.orbax_io import ORBAX_DIR, save_params
 from unclip_jax.weights.single_file import infer_kind, is_single_file, open_single_file
+
 # Testing hook: seconds to sleep after each component, so a test can kill the process midway.
 PAUSE_ENV = "UNCLIP_JAX_CONVERT_PAUSE"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import huggingface_hub
 import jax.numpy as jnp
 
 from unclip_jax.image_processing import CLIPImageProcessor
@@ -123,8 +124,6 @@ def load_single_file(cls, path: str, *, config: str | None = None, prediction_ty
     for name in in_file:
         sub = os.path.join(folder, name)
         if not os.path.isfile(os.path.join(sub, "config.json")) and is_repo_id(config):
-            import huggingface_hub  # noqa: PLC0415
-
             sub = os.path.dirname(huggingface_hub.hf_hub_download(config, f"{name}/config.json", **where))
         overrides[name] = convert_component(state, shapes, name, read_config(sub), dtype=dtype, what=path)
     if "scheduler" in cls.COMPONENTS and "scheduler" not in components:

@@ -1,4 +1,4 @@
-"""Stability's single-file checkpoints (sd21-unclip-h/-l.ckpt, 512-depth-ema.ckpt) -> a pipeline and params.
+"""Stability's single-file checkpoints (sd21-unclip-h/-l.ckpt, 512-depth-ema.ckpt): reading, kind, models.
 
 What the file is comes from its tensor shapes: a 5-channel `conv_in` is SD 2 depth, a class-embedding
 input of width 2048 / 1536 is Stable unCLIP H / L (`KINDS`). The models the file holds (`ldm.COMPONENTS`:
@@ -10,6 +10,9 @@ kind's prediction type (v for unCLIP, epsilon for depth) unless `prediction_type
 
 `.safetensors` files are read without torch; `.ckpt` files through torch's weights-only loader (the
 torch extra).
+
+Assembling the pipeline is `pipelines.loading.load_single_file` (`from_single_file`); writing it as an
+orbax folder, `conversion.convert_single_file`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import dataclasses
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
