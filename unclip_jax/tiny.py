@@ -47,7 +47,7 @@ _UNET = dict(_class_name="UNet2DConditionModel", sample_size=_IMAGE // 2, in_cha
              attention_head_dim=[2, 4], use_linear_projection=True)
 
 # Scaled-linear betas with the SD 2.x offsets, as both real decoders' schedulers have them.
-_SD2_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False,
+SD2_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False,
                   steps_offset=1, clip_sample=False)
 
 # The decoder both Stable unCLIP pipelines share (component name -> config).
@@ -57,7 +57,7 @@ _DECODER = {
                                     num_train_timesteps=1000),
     "text_encoder": _TEXT,
     "unet": dict(_UNET, class_embed_type="projection", projection_class_embeddings_input_dim=2 * _EMBED),
-    "scheduler": dict(_class_name="DDIMScheduler", prediction_type="v_prediction", **_SD2_BETAS),
+    "scheduler": dict(_class_name="DDIMScheduler", prediction_type="v_prediction", **SD2_BETAS),
     "vae": dict(_class_name="AutoencoderKL", block_out_channels=[16, 32], in_channels=3, out_channels=3,
                 latent_channels=4, norm_num_groups=8, down_block_types=["DownEncoderBlock2D"] * 2,
                 up_block_types=["UpDecoderBlock2D"] * 2, sample_size=_IMAGE),
@@ -86,7 +86,7 @@ CONFIGS = {
         "unet": dict(_UNET, in_channels=5),
         # stable-diffusion-2-depth samples with PNDM (PLMS steps only).
         "scheduler": dict(_class_name="PNDMScheduler", prediction_type="epsilon", skip_prk_steps=True,
-                          **_SD2_BETAS),
+                          **SD2_BETAS),
         "vae": _DECODER["vae"],
         "depth_estimator": dict(
             architectures=["DPTForDepthEstimation"], model_type="dpt", is_hybrid=True, embedding_type="hybrid",
@@ -101,32 +101,49 @@ CONFIGS = {
 }
 KINDS = tuple(CONFIGS)
 
-# Tokenizer folders (name -> pad token): the prior's pads with EOS (OpenAI CLIP), SD 2.x's with "!".
+# CLIP tokenizers' pad tokens: the prior's pads with EOS (OpenAI CLIP), SD 2.x's with "!".
+PRIOR_PAD, SD2_PAD = "<|endoftext|>", "!"
+
+# Tokenizer folders (name -> pad token).
 _TOKENIZERS = {
-    "unclip": {"prior_tokenizer": "<|endoftext|>", "tokenizer": "!"},
-    "unclip_img2img": {"tokenizer": "!"},
-    "depth2img": {"tokenizer": "!"},
+    "unclip": {"prior_tokenizer": PRIOR_PAD, "tokenizer": SD2_PAD},
+    "unclip_img2img": {"tokenizer": SD2_PAD},
+    "depth2img": {"tokenizer": SD2_PAD},
 }
 
-# Image processors: name -> (class recorded in model_index.json, preprocessor_config.json).
-_PROCESSORS = {
-    "unclip_img2img": {"feature_extractor": ("CLIPImageProcessor", dict(
-        size={"shortest_edge": _IMAGE}, crop_size={"height": _IMAGE, "width": _IMAGE}, do_center_crop=True,
-        do_resize=True, resample=3, do_normalize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711], image_processor_type="CLIPImageProcessor"))},
-    "depth2img": {"feature_extractor": ("DPTImageProcessor", dict(
-        size={"height": _IMAGE, "width": _IMAGE}, keep_aspect_ratio=False, ensure_multiple_of=1, do_resize=True,
+
+def clip_processor(size: int) -> tuple[str, dict]:
+    """(class recorded in model_index.json, preprocessor_config.json) of a CLIP image processor for
+    `size` x `size` pictures, with OpenAI CLIP's mean and std."""
+    return "CLIPImageProcessor", dict(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
+        do_resize=True, resample=3, do_rescale=True, do_normalize=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+        image_processor_type="CLIPImageProcessor")
+
+
+def dpt_processor(size: int) -> tuple[str, dict]:
+    """The same for a DPT image processor resizing to `size` x `size`."""
+    return "DPTImageProcessor", dict(
+        size={"height": size, "width": size}, keep_aspect_ratio=False, ensure_multiple_of=1, do_resize=True,
         resample=3, do_rescale=True, do_normalize=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-        image_processor_type="DPTImageProcessor"))},
+        image_processor_type="DPTImageProcessor")
+
+
+# Image processors: name -> (class, preprocessor_config.json).
+_PROCESSORS = {
+    "unclip_img2img": {"feature_extractor": clip_processor(_IMAGE)},
+    "depth2img": {"feature_extractor": dpt_processor(_IMAGE)},
 }
-_LIBRARY = {"prior_text_encoder": "transformers", "text_encoder": "transformers", "image_encoder": "transformers",
-            "depth_estimator": "transformers", "feature_extractor": "transformers",
-            "image_normalizer": "stable_diffusion"}
+# model_index.json's library of each component that is not diffusers' (processors: transformers').
+LIBRARY = {"prior_text_encoder": "transformers", "text_encoder": "transformers", "image_encoder": "transformers",
+           "depth_estimator": "transformers", "feature_extractor": "transformers",
+           "image_normalizer": "stable_diffusion"}
 
 
 # Params drawn as |N(0, 1 / fan_in)|: DPT's head ends in conv 1x1 -> ReLU over ReLU outputs, so the sign of
 # that kernel's sum would otherwise decide whether the random model's depth is zero everywhere.
-_POSITIVE = {"depth_estimator": (("head", "head_4", "kernel"),)}
+POSITIVE = {"depth_estimator": (("head", "head_4", "kernel"),)}
 
 
 def random_params(abstract, rng: np.random.Generator, positive: tuple = ()):
@@ -163,25 +180,38 @@ def write_tiny(kind: str, folder: str, seed: int = 0, *, exist_ok: bool = False)
         raise FileExistsError(f"{folder}: already exists" + (" (and is not a tiny checkpoint of this --kind and "
                                                             "--seed)" if exist_ok else ""))
     pipeline_class, configs = CONFIGS[kind]
-    index: dict = {"_class_name": pipeline_class, TINY_KEY: {"kind": kind, "seed": seed}}
+    return write_pipeline(folder, pipeline_class, configs, tokenizers=_TOKENIZERS[kind],
+                          processors=_PROCESSORS.get(kind, {}), seed=seed,
+                          index_extra={TINY_KEY: {"kind": kind, "seed": seed}})
+
+
+def write_pipeline(folder: str, pipeline_class: str, configs: dict[str, dict], *, tokenizers: dict[str, str],
+                   processors: dict[str, tuple[str, dict]], seed: int = 0, index_extra: dict | None = None) -> str:
+    """Writes a `save_pretrained` folder of `pipeline_class` with random weights (`random_params`, the
+    `POSITIVE` paths drawn positive): `configs` maps each model or scheduler component to its config,
+    `tokenizers` each CLIP tokenizer to its pad token, `processors` each image processor to (class name,
+    preprocessor config); `index_extra` adds keys to model_index.json. `folder` must not exist; returns it."""
+    if os.path.exists(folder):
+        raise FileExistsError(f"{folder}: already exists")
+    processor_classes = {"CLIPImageProcessor": CLIPImageProcessor, "DPTImageProcessor": DPTImageProcessor}
+    index: dict = {"_class_name": pipeline_class, **(index_extra or {})}
     components, params = {}, {}
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as src:
-        for name, pad in _TOKENIZERS[kind].items():
+        for name, pad in tokenizers.items():
             write_clip_tokenizer(os.path.join(src, name), pad_token=pad)
             components[name] = load_tokenizer(os.path.join(src, name))
             index[name] = ["transformers", "CLIPTokenizer"]
-        for name, (cls, config) in _PROCESSORS.get(kind, {}).items():
+        for name, (cls, config) in processors.items():
             os.makedirs(os.path.join(src, name))
             with open(os.path.join(src, name, "preprocessor_config.json"), "w") as f:
                 json.dump(config, f, indent=2)
-            processor = {"CLIPImageProcessor": CLIPImageProcessor, "DPTImageProcessor": DPTImageProcessor}[cls]
-            components[name] = processor.from_pretrained(os.path.join(src, name))
-            index[name] = [_LIBRARY[name], cls]
+            components[name] = processor_classes[cls].from_pretrained(os.path.join(src, name))
+            index[name] = [LIBRARY.get(name, "transformers"), cls]
         for name, config in configs.items():
             os.makedirs(os.path.join(src, name))
             cls = config.get("_class_name") or config["architectures"][0]
-            index[name] = [_LIBRARY.get(name, "diffusers"), cls]
+            index[name] = [LIBRARY.get(name, "diffusers"), cls]
             if name.endswith("scheduler"):
                 components[name] = scheduler_from_config(config)
                 continue
@@ -189,7 +219,7 @@ def write_tiny(kind: str, folder: str, seed: int = 0, *, exist_ok: bool = False)
                 json.dump(config, f, indent=2)
             built = build(config)
             params[name] = random_params(abstract_params(built.module, *built.dummy_inputs), rng,
-                                          _POSITIVE.get(name, ()))
+                                         POSITIVE.get(name, ()))
             components[name] = built.module
         save_pipeline(folder, src, index, components, params)
     return folder

@@ -41,13 +41,13 @@ epsilon like stable-diffusion-2-depth.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
 import jax
 import numpy as np
 
+from unclip_jax import tiny
 from unclip_jax.toy.domain import SIZE
 
 EMBED = 32  # CLIP embedding (projection) size: the prior's and the decoder's image embedding
@@ -90,8 +90,7 @@ DPT = dict(architectures=["DPTForDepthEstimation"], model_type="dpt", is_hybrid=
                                 hidden_sizes=[16, 16, 32], embedding_dynamic_padding=True, num_groups=2,
                                 embedding_size=8, out_features=["stage1", "stage2", "stage3"]))
 
-_SD2_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False,
-                  steps_offset=1, clip_sample=False, num_train_timesteps=1000)
+_SD2_BETAS = dict(tiny.SD2_BETAS, num_train_timesteps=1000)
 
 # folder -> (pipeline class, {component: config}); tokenizers and processors apart, below.
 CONFIGS: dict[str, tuple[str, dict[str, dict]]] = {
@@ -121,29 +120,12 @@ CONFIGS: dict[str, tuple[str, dict[str, dict]]] = {
 }
 FOLDERS = tuple(CONFIGS)
 
-# Tokenizer folders -> pad token: the prior's pads with EOS (OpenAI CLIP), the decoders' with "!" (SD 2.x).
-TOKENIZERS = {"unclip": {"prior_tokenizer": "<|endoftext|>", "tokenizer": "!"}, "depth2img": {"tokenizer": "!"}}
-
-# Image processors: folder -> {name: (class, preprocessor_config.json)}.
-PROCESSORS = {
-    "unclip": {"feature_extractor": ("CLIPImageProcessor", dict(
-        size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}, do_center_crop=True,
-        do_resize=True, resample=3, do_rescale=True, do_normalize=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-        image_processor_type="CLIPImageProcessor"))},
-    "depth2img": {"feature_extractor": ("DPTImageProcessor", dict(
-        size={"height": SIZE, "width": SIZE}, keep_aspect_ratio=False, ensure_multiple_of=1, do_resize=True,
-        resample=3, do_rescale=True, do_normalize=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-        image_processor_type="DPTImageProcessor"))},
-}
-
-_LIBRARY = {"prior_text_encoder": "transformers", "text_encoder": "transformers", "image_encoder": "transformers",
-            "depth_estimator": "transformers", "feature_extractor": "transformers",
-            "image_normalizer": "stable_diffusion"}
-
-# A random DPT's head ends in conv 1x1 -> ReLU over ReLU outputs: drawn positive so its depth is not
-# zero everywhere (as unclip_jax.tiny does).
-_POSITIVE = {"depth_estimator": (("head", "head_4", "kernel"),)}
+# Tokenizer folders -> pad token, and image processors: folder -> {name: (class, preprocessor config)};
+# the tables of unclip_jax.tiny (the toy's pictures are larger).
+TOKENIZERS = {"unclip": {"prior_tokenizer": tiny.PRIOR_PAD, "tokenizer": tiny.SD2_PAD},
+              "depth2img": {"tokenizer": tiny.SD2_PAD}}
+PROCESSORS = {"unclip": {"feature_extractor": tiny.clip_processor(SIZE)},
+              "depth2img": {"feature_extractor": tiny.dpt_processor(SIZE)}}
 
 
 def _abstract(config: dict):
@@ -172,51 +154,6 @@ def shipped_bytes(bytes_per_param: int = 2) -> int:
     return bytes_per_param * sum(n for counts in parameter_counts().values() for n in counts.values())
 
 
-def write_pipeline(folder: str, pipeline_class: str, configs: dict[str, dict], *, tokenizers: dict[str, str],
-                   processors: dict[str, tuple[str, dict]], seed: int = 0, positive: dict | None = None) -> str:
-    """Writes a `save_pretrained` folder of `pipeline_class` with random weights (`tiny.random_params`):
-    `configs` maps each model or scheduler component to its config, `tokenizers` each CLIP tokenizer
-    to its pad token, `processors` each image processor to (class name, preprocessor config)."""
-    from unclip_jax.image_processing import CLIPImageProcessor  # noqa: PLC0415
-    from unclip_jax.image_processing_dpt import DPTImageProcessor  # noqa: PLC0415
-    from unclip_jax.weights.folder import save_pipeline  # noqa: PLC0415
-    from unclip_jax.schedulers import scheduler_from_config  # noqa: PLC0415
-    from unclip_jax.tiny import random_params  # noqa: PLC0415
-    from unclip_jax.tokenizer import load_tokenizer, write_clip_tokenizer  # noqa: PLC0415
-
-    if os.path.exists(folder):
-        raise FileExistsError(f"{folder}: already exists")
-    processor_classes = {"CLIPImageProcessor": CLIPImageProcessor, "DPTImageProcessor": DPTImageProcessor}
-    index: dict = {"_class_name": pipeline_class}
-    components, params = {}, {}
-    rng = np.random.default_rng(seed)
-    with tempfile.TemporaryDirectory() as src:
-        for name, pad in tokenizers.items():
-            write_clip_tokenizer(os.path.join(src, name), pad_token=pad)
-            components[name] = load_tokenizer(os.path.join(src, name))
-            index[name] = ["transformers", "CLIPTokenizer"]
-        for name, (cls, config) in processors.items():
-            os.makedirs(os.path.join(src, name))
-            with open(os.path.join(src, name, "preprocessor_config.json"), "w") as f:
-                json.dump(config, f, indent=2)
-            components[name] = processor_classes[cls].from_pretrained(os.path.join(src, name))
-            index[name] = [_LIBRARY.get(name, "transformers"), cls]
-        for name, config in configs.items():
-            os.makedirs(os.path.join(src, name))
-            cls = config.get("_class_name") or config["architectures"][0]
-            index[name] = [_LIBRARY.get(name, "diffusers"), cls]
-            if name.endswith("scheduler"):
-                components[name] = scheduler_from_config(config)
-                continue
-            with open(os.path.join(src, name, "config.json"), "w") as f:
-                json.dump(config, f, indent=2)
-            built, abstract = _abstract(config)
-            params[name] = random_params(abstract, rng, (positive or {}).get(name, ()))
-            components[name] = built.module
-        save_pipeline(folder, src, index, components, params)
-    return folder
-
-
 def write_initial(folder: str, seed: int = 0) -> str:
     """Writes FOLDER/unclip and FOLDER/depth2img (see the module docstring) with random weights; the
     text towers of both start equal (the decoder's is the prior's without projection). Returns
@@ -225,8 +162,8 @@ def write_initial(folder: str, seed: int = 0) -> str:
 
     with atomic_folder(folder) as tmp:
         for i, (name, (cls, configs)) in enumerate(CONFIGS.items()):
-            write_pipeline(os.path.join(tmp, name), cls, configs, tokenizers=TOKENIZERS[name],
-                           processors=PROCESSORS[name], seed=seed + i, positive=_POSITIVE)
+            tiny.write_pipeline(os.path.join(tmp, name), cls, configs, tokenizers=TOKENIZERS[name],
+                                processors=PROCESSORS[name], seed=seed + i)
         tie_text_encoders(os.path.join(tmp, "unclip"), os.path.join(tmp, "depth2img"))
     return folder
 
