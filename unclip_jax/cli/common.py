@@ -177,6 +177,19 @@ def call_arguments(args, params, progress: bool) -> dict:
                 num_images_per_prompt=args.count, eta=args.eta, progress_bar=progress)
 
 
+def generate(args, progress: bool, call) -> None:
+    """The run of a command that loads its pipeline, calls it once and saves what it made:
+    `call(pipe, keywords)` calls the pipeline with the command's own arguments and `keywords` (the
+    `call_arguments`, params included) and returns the images."""
+    pipe, params = load(args, progress)
+    recorded = settings(args, pipe)
+    t0 = time.time()
+    with elapsed("generating (compiles on first use)", progress):
+        images = call(pipe, call_arguments(args, params, progress))
+    log(f"generated {len(images)} image(s) in {time.time() - t0:.1f}s")
+    save(images, args, recorded)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Output
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from unclip_jax.cli import common
 from unclip_jax.cli.parsing import PROG, add_noise_level, add_size, check_generation_arguments, generation_parser
 
@@ -37,12 +35,6 @@ def check(args) -> None:
 
 
 def run(args, progress: bool) -> None:
-    pipe, params = common.load(args, progress)
-    recorded = common.settings(args, pipe)
-    t0 = time.time()
-    with common.elapsed("generating (compiles on first use)", progress):
-        images = pipe(args.prompt, height=args.height, width=args.width, noise_level=args.noise_level,
-                      prior_num_inference_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance,
-                      **common.call_arguments(args, params, progress)).images
-    common.log(f"generated {len(images)} image(s) in {time.time() - t0:.1f}s")
-    common.save(images, args, recorded)
+    common.generate(args, progress, lambda pipe, keywords: pipe(
+        args.prompt, height=args.height, width=args.width, noise_level=args.noise_level,
+        prior_num_inference_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance, **keywords).images)
