@@ -27,7 +27,8 @@ from unclip_jax.weights.checkpoint import load_state_dict, read_config
 from unclip_jax.weights.errors import CheckpointError, ConversionError
 from unclip_jax.weights.single_file import infer_kind, plan_component
 
-REFERENCE = "/work/shared/reference-configs"
+# Verbatim copies of the real configs recovered in the team's shared reference-configs folder (same names).
+REFERENCE = os.path.join(os.path.dirname(__file__), "fixtures", "configs", "reference")
 
 
 # ---- The LDM naming, written from the diffusers names (independently of unclip_jax.weights.ldm) ----
