@@ -20,7 +20,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES
 
 from unclip_jax.weights import ldm
 from unclip_jax.weights.checkpoint import load_state_dict, read_config

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch_ref import feed_noise, nhwc_to_nchw
 
-import unclip_jax as uj
 from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline
 from unclip_jax.tokenizer import tokenize
 

@@ -4,9 +4,8 @@ tokenizer and processor files, model_index.json) that diffusers' `from_pretraine
 
 from __future__ import annotations
 
+from unclip_jax.cli.convert import DTYPES
 from unclip_jax.cli.parsing import command_parser
-
-DTYPES = ("fp32", "bf16", "fp16")  # `unclip_jax.weights.convert.DTYPES`
 
 
 def add_parser(sub) -> None:

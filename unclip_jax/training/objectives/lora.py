@@ -25,7 +25,6 @@ import numpy as np
 from flax import traverse_util
 
 from unclip_jax import lora as L
-from unclip_jax.training.objective import Objective
 from unclip_jax.training.objectives.params import make_split, merge
 
 ADAPTER = "default_0"  # the name diffusers gives the first adapter it loads
