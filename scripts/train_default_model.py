@@ -53,38 +53,37 @@ sys.path.insert(0, os.path.dirname(HERE))
 # sizes are estimates for <= 2 h in all on 2 CPU cores (seconds per step guessed from the model sizes in
 # unclip_jax/toy/init.py; the sum of the estimates is ~95 minutes).
 TRAINING = {
-    # The clip objective trains StableUnCLIPImg2ImgPipeline's text_encoder and image_encoder.
-    "clip": ("unclip", "shapes", ("text_encoder", "image_encoder"),
-             dict(steps=3000, batch_size=128, learning_rate=1e-3)),  # ~0.1 s/step: 5 min
-    "vae": ("unclip", "shapes", ("vae",), dict(steps=2000, batch_size=32, learning_rate=1e-3)),  # ~0.3 s: 10 min
-    "prior": ("unclip", "shapes", ("prior",), dict(steps=4000, batch_size=128, learning_rate=3e-4)),  # 4 min
-    "decoder": ("unclip", "shapes", ("unet",), dict(steps=8000, batch_size=64, learning_rate=3e-4)),  # 40 min
-    "dpt": ("depth2img", "depth", ("depth_estimator",), dict(steps=2000, batch_size=32, learning_rate=1e-3)),  # 4
-    "depth": ("depth2img", "depth", ("unet",), dict(steps=5000, batch_size=64, learning_rate=3e-4)),  # 25 min
+    # The clip objective trains StableUnCLIPPipeline's prior_text_encoder and the image_encoder beside it.
+    "clip": ("unclip", "shapes", ("prior_text_encoder", "image_encoder"),
+             dict(steps=800, batch_size=128, learning_rate=1e-3)),  # 0.45 s/step: 6 min
+    "vae": ("unclip", "shapes", ("vae",), dict(steps=800, batch_size=32, learning_rate=1e-3)),
+    "prior": ("unclip", "shapes", ("prior",), dict(steps=1500, batch_size=128, learning_rate=5e-4)),  # 0.6 s: 15
+    "decoder": ("unclip", "shapes", ("unet",), dict(steps=1800, batch_size=64, learning_rate=5e-4)),
+    "dpt": ("depth2img", "depth", ("depth_estimator",), dict(steps=600, batch_size=32, learning_rate=1e-3)),  # 2
+    "depth": ("depth2img", "depth", ("unet",), dict(steps=900, batch_size=64, learning_rate=5e-4)),
 }
 STAGES = ("data", "init", "clip", "stats", "vae", "prior", "decoder", "dpt", "depth", "export")
 DATASETS = {"shapes": dict(count=16384, depth=False), "depth": dict(count=4096, depth=True),
             "heldout": dict(count=512, depth=False, held_out=True)}
 # Flags of every training stage: a short warm-up, and an EMA that follows a short run (the default decay
 # 0.9999 would leave the final EMA params near the initial ones after a few thousand steps).
-COMMON_FLAGS = ["--resolution", "64", "--center-crop", "--lr-scheduler", "constant_with_warmup", "--lr-warmup-steps", "200", "--ema-decay", "0.999",
+COMMON_FLAGS = ["--resolution", "64", "--center-crop", "--lr-scheduler", "constant_with_warmup", "--lr-warmup-steps", "100",
+                "--ema-decay", "0.999", "--ema-warmup",
                 "--save-every", "500", "--validation-prompt", "a red circle on a blue background"]
 # Per stage: conditioning dropout for classifier-free guidance; the prior's target embedding comes from
 # the image encoder in the same folder ({stage} is WORK/stage).
-FLAGS = {"prior": ["--image-encoder", "{stage}/unclip", "--text-dropout", "0.1"],
-         "decoder": ["--text-dropout", "0.1", "--image-dropout", "0.1"],
+FLAGS = {"clip": ["--image-encoder", "{stage}/unclip"],
+         "prior": ["--image-encoder", "{stage}/unclip", "--text-dropout", "0.1"],
+         "decoder": ["--text-dropout", "0.1", "--image-dropout", "0.1", "--noise-level", "0", "300"],
          "dpt": ["--depth-column", "depth_file_name"],
          "depth": ["--text-dropout", "0.1", "--depth-column", "depth_file_name"]}
 
 
-def train_objectives() -> set[str] | None:
-    """The objectives `unclip-jax train` offers: the choices `{a,b,...}` of its usage line (None: no
-    train command at all)."""
-    run = subprocess.run([sys.executable, "-m", "unclip_jax.cli", "train", "--help"], capture_output=True, text=True)
-    if run.returncode != 0 or "{" not in run.stdout:
-        return None
-    choices = run.stdout[run.stdout.index("{") + 1:]
-    return set(choices[:choices.index("}")].split(","))
+def train_objectives() -> set[str]:
+    """The objectives `unclip-jax train` offers."""
+    from unclip_jax.training.objectives import OBJECTIVES
+
+    return set(OBJECTIVES)
 
 
 def adopt(final: str, stage_folder: str, names: tuple[str, ...]) -> None:
@@ -132,7 +131,7 @@ def stage_training(name: str, work: str, seed: int, dry_run: bool) -> None:
     if name == "clip":
         from unclip_jax.toy.init import tie_text_encoders
 
-        tie_text_encoders(os.path.join(work, "stage", "unclip"), os.path.join(work, "stage", "depth2img"))
+        tie_text_encoders(os.path.join(work, "stage", "unclip"), os.path.join(work, "stage", "depth2img"), trained=True)
     if name == "vae":
         shutil.rmtree(os.path.join(work, "stage", "depth2img", "vae"))
         shutil.copytree(os.path.join(work, "stage", "unclip", "vae"), os.path.join(work, "stage", "depth2img", "vae"))
@@ -213,15 +212,20 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
     parser.add_argument("--dry-run", action="store_true", help="print the training commands; run no stage")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every step count and dataset size by this (a smoke run: 0.002)")
     args = parser.parse_args(argv)
     stages = args.only or STAGES
+    if args.scale != 1.0:
+        for spec in TRAINING.values():
+            spec[3]["steps"] = max(2, round(spec[3]["steps"] * args.scale))
+        for spec in DATASETS.values():
+            spec["count"] = max(64, round(spec["count"] * args.scale))
     needed = {s for s in stages if s in TRAINING}
     if needed and not args.dry_run:
-        offered = train_objectives()
-        missing = sorted(needed - (offered or set()))
+        missing = sorted(needed - train_objectives())
         if missing:
-            print(f"not yet runnable: `unclip-jax train` lacks the objective(s) {', '.join(missing)}"
-                  + (" (there is no train command)" if offered is None else ""), file=sys.stderr)
+            print(f"not runnable: `unclip-jax train` lacks the objective(s) {', '.join(missing)}", file=sys.stderr)
             return 2
     work = os.path.abspath(args.work)
     timings_path = os.path.join(work, "timings.json")

@@ -211,19 +211,14 @@ def test_initial_folders_load(initial):
 
     # The vae and dpt objectives build on these pipelines (their losses are tested below; compiling them
     # on these models costs ~40 s of CPU, so only the host half is exercised here).
-    import importlib.util
+    from unclip_jax.training.objectives import dpt, vae
 
-    if importlib.util.find_spec("unclip_jax.training") is None or \
-            importlib.util.find_spec("unclip_jax.training.objective") is None:
-        return
-    from unclip_jax.toy import objectives
-
-    vae_objective, _, _ = objectives.build_vae(pipe_img, params_img, {})
+    vae_objective, _, _ = vae.build(pipe_img, params_img, {})
     batch = vae_objective.collate([{"image": images[0], "text": "x"}, {"image": images[1], "text": "y"}])
     assert batch["pixel_values"].shape == (2, 64, 64, 3) and batch["pixel_values"].min() >= -1
     trainable, frozen = vae_objective.split(params_img)
     assert set(trainable) == {"vae"} and set(vae_objective.merge(trainable, frozen)) == set(params_img)
-    dpt_objective, _, _ = objectives.build_dpt(pipe_depth, params_depth, {})
+    dpt_objective, _, _ = dpt.build(pipe_depth, params_depth, {})
     scenes = [domain.draw_depth(0, i) for i in range(2)]
     batch = dpt_objective.collate([{"image": im, "text": t, "depth": d} for im, d, t, _ in scenes])
     assert batch["pixel_values"].shape == (2, 64, 64, 3) and batch["depth"].shape == (2, 64, 64)
@@ -232,13 +227,13 @@ def test_initial_folders_load(initial):
 
 
 def test_gaussian_kl_and_scale_shift_invariant_mse():
-    from unclip_jax.toy import objectives
+    from unclip_jax.training.objectives import dpt, vae
 
     rng = np.random.default_rng(0)
     mean, logvar = rng.normal(size=(3, 4, 4, 2)), rng.normal(size=(3, 4, 4, 2))
     want = 0.5 * (mean ** 2 + np.exp(logvar) - 1 - logvar).reshape(3, -1).sum(1)
-    np.testing.assert_allclose(objectives.gaussian_kl(mean, logvar), want, rtol=1e-5)
-    assert float(objectives.gaussian_kl(np.zeros((1, 3)), np.zeros((1, 3)))[0]) == 0.0
+    np.testing.assert_allclose(vae.gaussian_kl(mean, logvar), want, rtol=1e-5)
+    assert float(vae.gaussian_kl(np.zeros((1, 3)), np.zeros((1, 3)))[0]) == 0.0
 
     pred, target = rng.normal(size=(2, 8, 8)), rng.normal(size=(2, 8, 8))
     # The residual of each example's least-squares fit target ~ s * pred + t, by numpy's lstsq.
@@ -247,11 +242,11 @@ def test_gaussian_kl_and_scale_shift_invariant_mse():
         a = np.stack([p.ravel(), np.ones(p.size)], axis=1)
         coef = np.linalg.lstsq(a, d.ravel(), rcond=None)[0]
         residual.append(np.mean((a @ coef - d.ravel()) ** 2))
-    np.testing.assert_allclose(objectives.scale_shift_invariant_mse(pred, target), np.mean(residual), rtol=1e-5)
+    np.testing.assert_allclose(dpt.scale_shift_invariant_mse(pred, target), np.mean(residual), rtol=1e-5)
     # Any scale (negative too) and shift of the target is free; a constant prediction only shifts.
-    assert float(objectives.scale_shift_invariant_mse(pred, -3 * pred + 2)) < 1e-9
+    assert float(dpt.scale_shift_invariant_mse(pred, -3 * pred + 2)) < 1e-9
     flat = np.full_like(pred, 0.5)
-    np.testing.assert_allclose(objectives.scale_shift_invariant_mse(flat, target),
+    np.testing.assert_allclose(dpt.scale_shift_invariant_mse(flat, target),
                                np.mean((target - target.mean(axis=(1, 2), keepdims=True)) ** 2), rtol=1e-5)
 
 
@@ -263,7 +258,7 @@ def test_vae_loss_trains():
     import optax
 
     from unclip_jax.models.vae import DiagonalGaussian
-    from unclip_jax.toy import objectives
+    from unclip_jax.training.objectives import vae as vae_objective
 
     class Tiny(nn.Module):
         def setup(self):
@@ -279,18 +274,18 @@ def test_vae_loss_trains():
         def __call__(self, x):
             return self.decode(self.encode(x).mean)
 
-    vae = Tiny()
+    model = Tiny()
     pixels = np.stack([domain.draw(0, i)[0][::4, ::4] for i in range(4)]).astype(np.float32) / 127.5 - 1
-    params = vae.init(jax.random.key(0), pixels)["params"]
+    params = model.init(jax.random.key(0), pixels)["params"]
     noise = np.asarray(jax.random.normal(jax.random.key(1), (4, 16, 16, 2)))
 
-    moments = np.asarray(vae.apply({"params": params}, pixels, method=lambda m, x: m.enc(x)), np.float64)
+    moments = np.asarray(model.apply({"params": params}, pixels, method=lambda m, x: m.enc(x)), np.float64)
     mean, logvar = moments[..., :2], np.clip(moments[..., 2:], -30, 20)
-    recon = np.asarray(vae.apply({"params": params}, (mean + np.exp(0.5 * logvar) * noise).astype(np.float32),
+    recon = np.asarray(model.apply({"params": params}, (mean + np.exp(0.5 * logvar) * noise).astype(np.float32),
                                  method=Tiny.decode))
     kl = 0.5 * (mean ** 2 + np.exp(logvar) - 1 - logvar).reshape(4, -1).sum(1).mean()
     want = np.abs(recon - pixels).mean() + 1e-3 * kl / pixels[0].size
-    loss, metrics = objectives.vae_loss(vae, params, pixels, noise, 1e-3)
+    loss, metrics = vae_objective.vae_loss(model, params, pixels, noise, 1e-3)
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["kl"]), kl, rtol=1e-5)
 
@@ -298,8 +293,8 @@ def test_vae_loss_trains():
 
     @jax.jit
     def step(params, state):
-        (loss, _), grads = jax.value_and_grad(objectives.vae_loss, argnums=1, has_aux=True)(
-            vae, params, pixels, noise, 1e-3)
+        (loss, _), grads = jax.value_and_grad(vae_objective.vae_loss, argnums=1, has_aux=True)(
+            model, params, pixels, noise, 1e-3)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 

@@ -77,7 +77,7 @@ UNET_UNCLIP = dict(_UNET, class_embed_type="projection", projection_class_embedd
 UNET_DEPTH = dict(_UNET, in_channels=5)
 
 VAE = dict(_class_name="AutoencoderKL", in_channels=3, out_channels=3, latent_channels=4,
-           block_out_channels=[32, 64, 64], layers_per_block=1, norm_num_groups=16,
+           block_out_channels=[16, 32, 32], layers_per_block=1, norm_num_groups=8,
            down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
            sample_size=SIZE, scaling_factor=1.0)
 
@@ -168,23 +168,28 @@ def write_initial(folder: str, seed: int = 0) -> str:
     return folder
 
 
-def tie_text_encoders(unclip: str, depth2img: str | None = None) -> None:
-    """Makes the text towers one: copies the `text_encoder` of the pipeline folder `unclip` (the tower
-    the clip objective trains, with StableUnCLIPImg2ImgPipeline) into its `prior_text_encoder`, with an
-    identity text projection (the contrastive objective compares the pooled text output, whose width is
-    the embedding width, with the image embedding), and into the `text_encoder` of `depth2img`. Run at
-    initialisation and after CLIP training."""
+def tie_text_encoders(unclip: str, depth2img: str | None = None, trained: bool = False) -> None:
+    """Makes the text towers of the pipeline folder `unclip` (and of `depth2img`) one tower.
+
+    At initialisation (`trained=False`) the `text_encoder`'s tower is copied into the `prior_text_encoder`,
+    with an identity text projection (the text width is the embedding width). After the clip objective
+    has trained the prior's text encoder (`trained=True`), its tower is copied back into the
+    `text_encoder` of `unclip` (the decoder's) and of `depth2img`."""
     from unclip_jax.weights.orbax_io import ORBAX_DIR, restore_params, saved_structure  # noqa: PLC0415
 
-    tower = restore_params(os.path.join(unclip, "text_encoder", ORBAX_DIR))
     prior_dir = os.path.join(unclip, "prior_text_encoder")
-    want = saved_structure(os.path.join(prior_dir, ORBAX_DIR))
-    shape = tuple(want["text_projection"]["kernel"].shape)
-    if shape[0] != shape[1]:
-        raise ValueError(f"{prior_dir}: a text projection of {shape} cannot be the identity; the text width "
-                         "must equal the embedding width")
-    projection = {"kernel": np.eye(shape[0], dtype=want["text_projection"]["kernel"].dtype)}
-    replace_params(prior_dir, {"text_model": tower["text_model"], "text_projection": projection})
+    if trained:
+        tower = {"text_model": restore_params(os.path.join(prior_dir, ORBAX_DIR))["text_model"]}
+        replace_params(os.path.join(unclip, "text_encoder"), tower)
+    else:
+        tower = restore_params(os.path.join(unclip, "text_encoder", ORBAX_DIR))
+        want = saved_structure(os.path.join(prior_dir, ORBAX_DIR))
+        shape = tuple(want["text_projection"]["kernel"].shape)
+        if shape[0] != shape[1]:
+            raise ValueError(f"{prior_dir}: a text projection of {shape} cannot be the identity; the text width "
+                             "must equal the embedding width")
+        projection = {"kernel": np.eye(shape[0], dtype=want["text_projection"]["kernel"].dtype)}
+        replace_params(prior_dir, {"text_model": tower["text_model"], "text_projection": projection})
     if depth2img is not None:
         replace_params(os.path.join(depth2img, "text_encoder"), tower)
 

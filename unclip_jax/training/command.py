@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-OBJECTIVES = ("decoder", "prior", "depth", "lora", "textual-inversion", "clip")
+from unclip_jax.training.objectives import OBJECTIVES
 
 EXAMPLES = """examples:
   unclip-jax tiny tiny-img2img --kind unclip_img2img
@@ -23,7 +23,7 @@ OUT: metrics.jsonl (one line per step), tensorboard/, checkpoints/, validation/s
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "train", help="fine-tune or train a model (decoder, prior, depth, LoRA, textual inversion, CLIP)",
+        "train", help="fine-tune or train a model (decoder, prior, depth, LoRA, textual inversion, CLIP, VAE, DPT)",
         description=textwrap.fill("Trains one objective on a pipeline folder and writes checkpoints, metrics, "
                                   "validation grids and a final pipeline folder to --out. A run killed at any "
                                   "moment continues with --resume as if it had not stopped.", 78),

@@ -92,15 +92,27 @@ def check_out(out: str) -> None:
         raise OSError(f"--out {out}: {probe} is not writable")
 
 
-def _load_pipeline(model: str, dtype, remat: bool):
-    """(pipe, params) of the pipeline class named by `model`'s model_index.json, the models' compute dtype
-    `dtype`, their blocks rematerialised if `remat`."""
+# The unCLIP pipeline an objective trains, where one folder holds the components of both (the default
+# model's folder serves StableUnCLIPPipeline and StableUnCLIPImg2ImgPipeline).
+UNCLIP_PIPELINE = {"decoder": "StableUnCLIPImg2ImgPipeline", "prior": "StableUnCLIPPipeline",
+                   "clip": "StableUnCLIPPipeline"}
+
+
+def _load_pipeline(model: str, dtype, remat: bool, objective: str | None = None):
+    """(pipe, params) of the pipeline class named by `model`'s model_index.json (or, for an unCLIP folder
+    that also holds every component of the unCLIP pipeline `objective` trains, of that one), the models'
+    compute dtype `dtype`, their blocks rematerialised if `remat`."""
     import unclip_jax  # noqa: PLC0415
     from unclip_jax.weights.hub import resolve  # noqa: PLC0415
     from unclip_jax.weights.folder import read_model_index  # noqa: PLC0415
 
     folder = resolve(model, ())
-    name = read_model_index(folder).get("_class_name")
+    index = read_model_index(folder)
+    name = index.get("_class_name")
+    wanted = UNCLIP_PIPELINE.get(objective or "")
+    if wanted and name in UNCLIP_PIPELINE.values() and all(
+            c in index for c in getattr(unclip_jax, wanted).COMPONENTS):
+        name = wanted
     cls = getattr(unclip_jax, str(name), None)
     if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
         raise ValueError(f"--model {model}: pipeline class {name!r} is not one this package trains")
@@ -251,7 +263,7 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
                              where=os.path.join(ckpt_dir, str(latest)))
 
     # ---- the model and the objective
-    pipe, params = (load or (lambda m: _load_pipeline(m, sc.compute_dtype, config.remat)))(config.model)
+    pipe, params = (load or (lambda m: _load_pipeline(m, sc.compute_dtype, config.remat, config.objective)))(config.model)
     resolution = config.resolution or _default_resolution(pipe)
     _check_resolution(pipe, resolution)
     options = {"resolution": resolution, **config.objective_options}

@@ -12,6 +12,8 @@ Objectives and the pipeline each trains:
   lora               any of the three: LoRA adapters on the UNet (and optionally the text encoder).
   textual-inversion  any of the three: new token embeddings.
   clip               StableUnCLIPImg2ImgPipeline: the text and vision towers, contrastively.
+  vae                any pipeline with a VAE: L1 reconstruction + KL (LDM's autoencoder, no GAN/LPIPS).
+  dpt                StableDiffusionDepth2ImgPipeline: the DPT, MiDaS's scale-and-shift-invariant loss.
 
 `options` (all optional):
   snr_gamma (float | None): min-SNR-gamma weighting of the denoising loss (None: off).
@@ -25,6 +27,7 @@ Objectives and the pipeline each trains:
   resolution (int): the training images' side, checked against the VAE factor.
   lora_rank (4), lora_alpha (= rank), lora_text_encoder (False): the LoRA adapters.
   placeholder_token, initializer_token, num_vectors (1): textual inversion's new token(s).
+  kl_weight (1e-6): the vae objective's KL weight.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from unclip_jax.training.objective import Objective
 
 # name -> module under unclip_jax.training.objectives
 OBJECTIVES = {"decoder": "decoder", "prior": "prior", "depth": "depth", "lora": "lora",
-              "textual-inversion": "textual_inversion", "clip": "clip"}
+              "textual-inversion": "textual_inversion", "clip": "clip", "vae": "vae", "dpt": "dpt"}
 
 
 def build_objective(name: str, pipe, params, options: dict | None = None):
