@@ -57,10 +57,10 @@ TRAINING = {
     "clip": ("unclip", "shapes", ("prior_text_encoder", "image_encoder"),
              dict(steps=800, batch_size=128, learning_rate=1e-3)),  # 0.45 s/step: 6 min
     "vae": ("unclip", "shapes", ("vae",), dict(steps=800, batch_size=32, learning_rate=1e-3)),
-    "prior": ("unclip", "shapes", ("prior",), dict(steps=1500, batch_size=128, learning_rate=5e-4)),  # 0.6 s: 15
-    "decoder": ("unclip", "shapes", ("unet",), dict(steps=1800, batch_size=64, learning_rate=5e-4)),
+    "prior": ("unclip", "shapes", ("prior",), dict(steps=1000, batch_size=128, learning_rate=5e-4)),
+    "decoder": ("unclip", "shapes", ("unet",), dict(steps=1400, batch_size=64, learning_rate=1e-3)),
     "dpt": ("depth2img", "depth", ("depth_estimator",), dict(steps=600, batch_size=32, learning_rate=1e-3)),  # 2
-    "depth": ("depth2img", "depth", ("unet",), dict(steps=900, batch_size=64, learning_rate=5e-4)),
+    "depth": ("depth2img", "depth", ("unet",), dict(steps=700, batch_size=64, learning_rate=1e-3)),
 }
 STAGES = ("data", "init", "clip", "stats", "vae", "prior", "decoder", "dpt", "depth", "export")
 DATASETS = {"shapes": dict(count=16384, depth=False), "depth": dict(count=4096, depth=True),
