@@ -2,8 +2,9 @@
 scale-and-shift-invariant loss on the disparity. Per example, the prediction's least-squares scale and
 shift onto the target (the data's "depth", larger = nearer) are solved in closed form, and the loss is the
 mean squared residual after that alignment. The depth2img pipeline normalises the estimated depth per
-example, so scale and shift are the freedom it leaves; the target is resized (bilinear) to the
-prediction's size. Used to train the default model's small DPT (issue 18)."""
+example, so scale and shift are the freedom it leaves; the target is resized to the prediction's size as
+torch's `interpolate(mode="bilinear", align_corners=False)` resizes (no antialiasing when it shrinks).
+Used to train the default model's small DPT (issue 18)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax.models.resize import resize_bilinear
 from unclip_jax.training.objective import Objective
 from unclip_jax.training.objectives.component import save_pipeline, split_component, stack_images
 
@@ -31,10 +33,11 @@ def scale_shift_invariant_mse(prediction: jax.Array, target: jax.Array, eps: flo
 
 def dpt_loss(depth_estimator, dpt_params, pixel_values: jax.Array, target: jax.Array):
     """(loss, metrics): the DPT's prediction on processed pixel values [B, S, S, 3] against target
-    disparities [B, H, W], resized (bilinear) to the prediction's size first."""
+    disparities [B, H, W], resized to the prediction's size first (bilinear as torch computes it:
+    jax.image.resize would antialias a target larger than the prediction)."""
     pred = depth_estimator.apply({"params": dpt_params}, pixel_values).predicted_depth
     if target.shape[1:] != pred.shape[1:]:
-        target = jax.image.resize(target, (target.shape[0], *pred.shape[1:]), "linear")
+        target = resize_bilinear(target[..., None], pred.shape[1:], align_corners=False)[..., 0]
     loss = scale_shift_invariant_mse(pred, target)
     return loss, {"ssi_mse": loss}
 
