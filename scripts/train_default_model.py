@@ -29,8 +29,10 @@ Stages (each resumable: a stage whose output exists is skipped; `--only` runs th
   decoder   the unCLIP decoder on the shapes (noise-augmented image embedding + text)
   dpt       the DPT on the depth scenes
   depth     the 5-channel depth decoder on the depth scenes, depth from the data's maps
-  export    fp16 copies of WORK/stage/unclip and WORK/stage/depth2img to WORK/export (to be copied into
-            the package), with their sizes
+  export    WORK/export: exactly what the package ships in unclip_jax/toy/weights (unclip_jax.toy.default):
+            fp16 WORK/stage/unclip (with the variation pipeline's image encoder) and WORK/stage/depth2img
+            without their tokenizer folders (rebuilt from the package's BPE on first use; checked equal
+            here), and manifest.json; sizes in WORK/export_sizes.json. --ship copies it into the checkout
 
 After each training stage the components it trained are copied from its `OUT/final` into the working
 folders WORK/stage/{unclip,depth2img} (`adopt`), so each stage starts from everything trained before it.
@@ -174,36 +176,60 @@ def stage_stats(work: str, count: int = 4096) -> None:
     set_embedding_stats(os.path.join(work, "stage", "unclip"), images)
 
 
-def stage_export(work: str) -> None:
+def stage_export(work: str, ship_to: str | None = None) -> None:
+    """WORK/export: exactly what the package ships in unclip_jax/toy/weights (`unclip_jax.toy.default.ship`):
+    fp16 pipeline folders `unclip` (StableUnCLIPPipeline's components plus the image encoder and its
+    processor, so it serves both unCLIP pipelines) and `depth2img`, without tokenizer folders, and
+    manifest.json. With `ship_to`, also copied there (the checkout's unclip_jax/toy/weights)."""
     import jax
     import jax.numpy as jnp
 
     import unclip_jax as uj
+    from unclip_jax.toy.default import MANIFEST, NAMES, ship
 
-    out = os.path.join(work, "export")
+    out, full = os.path.join(work, "export"), os.path.join(work, "export.full")
     shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(full, ignore_errors=True)
+    fp16 = lambda params: jax.tree.map(lambda x: x.astype(jnp.float16), params)  # noqa: E731
     for folder, cls in (("unclip", uj.StableUnCLIPPipeline), ("depth2img", uj.StableDiffusionDepth2ImgPipeline)):
         pipe, params = cls.from_pretrained(os.path.join(work, "stage", folder))
-        pipe.save_pretrained(os.path.join(out, folder), jax.tree.map(lambda x: x.astype(jnp.float16), params))
+        pipe.save_pretrained(os.path.join(full, folder), fp16(params))
     # StableUnCLIPPipeline saves its own components only: the variation pipeline's image encoder and
     # processor join them, so the one folder serves both unCLIP pipelines.
     pipe, params = uj.StableUnCLIPImg2ImgPipeline.from_pretrained(os.path.join(work, "stage", "unclip"))
     variation = os.path.join(work, "export.variation")
     shutil.rmtree(variation, ignore_errors=True)
-    pipe.save_pretrained(variation, jax.tree.map(lambda x: x.astype(jnp.float16), params))
-    index_path = os.path.join(out, "unclip", "model_index.json")
+    pipe.save_pretrained(variation, fp16(params))
+    index_path = os.path.join(full, "unclip", "model_index.json")
     with open(index_path) as f:
         index = json.load(f)
     with open(os.path.join(variation, "model_index.json")) as f:
         extra = json.load(f)
     for name in ("image_encoder", "feature_extractor"):
-        shutil.copytree(os.path.join(variation, name), os.path.join(out, "unclip", name))
+        shutil.copytree(os.path.join(variation, name), os.path.join(full, "unclip", name))
         index[name] = extra[name]
     with open(index_path, "w") as f:
         json.dump(index, f, indent=2)
     shutil.rmtree(variation)
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
-    print(f"export: {out}, {size / 1e6:.1f} MB")
+    sizes = ship(full, out)
+    shutil.rmtree(full)
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    print("export: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items())
+          + f"; {out} in all {total / 1e6:.2f} MB (the package's limit: 25 MB)", flush=True)
+    with open(os.path.join(work, "export_sizes.json"), "w") as f:
+        json.dump({**sizes, "total": total}, f, indent=2)
+    if ship_to is not None:
+        os.makedirs(ship_to, exist_ok=True)
+        for name in (MANIFEST, *NAMES):  # only what `ship` writes (README.md stays); the manifest first
+            path = os.path.join(ship_to, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        for name in NAMES:
+            shutil.copytree(os.path.join(out, name), os.path.join(ship_to, name))
+        shutil.copy2(os.path.join(out, MANIFEST), os.path.join(ship_to, MANIFEST))  # last: the folders are whole
+        print(f"export: copied into {ship_to}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -212,6 +238,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
     parser.add_argument("--dry-run", action="store_true", help="print the training commands; run no stage")
+    parser.add_argument("--ship", action="store_true",
+                        help="export: also copy WORK/export into this checkout's unclip_jax/toy/weights (replacing "
+                             "the shipped default model there)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every step count and dataset size by this (a smoke run: 0.002)")
     args = parser.parse_args(argv)
@@ -247,7 +276,8 @@ def main(argv=None) -> int:
                 stage_stats(work)
         elif stage == "export":
             if not args.dry_run:
-                stage_export(work)
+                stage_export(work, os.path.join(os.path.dirname(HERE), "unclip_jax", "toy", "weights")
+                             if args.ship else None)
         else:
             stage_training(stage, work, args.seed, args.dry_run)
         timings[stage] = round(time.time() - start, 1)

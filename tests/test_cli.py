@@ -187,7 +187,8 @@ def _mistakes(root: Path) -> list[tuple[tuple, str]]:
     return [
         (("txt2img", "x", "--model", "/nonexistent/model"), "/nonexistent/model: no such pipeline folder"),
         (("txt2img", "x", "--model", root), "model_index.json: missing"),
-        (("txt2img", "x"), "the following arguments are required: --model"),
+        (("txt2img", "x", "--prior", root / "depth2img"), "--prior applies to a --model; the default model takes none"),
+        (("depth2img", "x", "--image", photo, "--revision", "main"), "--revision applies to a --model"),
         (("txt2img", "x", "--model", unclip, "--size", "30"), "--size must be a positive multiple of 8"),
         (("txt2img", "x", "--model", unclip, "--height", "0"), "--height must be a positive multiple of 8"),
         (("txt2img", "x", "--model", unclip, "--size", "32", "--width", "32"), "give --size, or --height"),

@@ -1,13 +1,18 @@
 """The `unclip-jax` command.
 
     unclip-jax tiny DIR [--kind KIND]                    write a tiny random-weight checkpoint (no network)
-    unclip-jax txt2img PROMPT --model M [--prior P]      text -> images (StableUnCLIPPipeline: prior + decoder)
-    unclip-jax variation [PROMPT] --image I --model M    image variations (StableUnCLIPImg2ImgPipeline)
-    unclip-jax depth2img PROMPT --image I --model M      depth-preserving image-to-image
-    unclip-jax generate PROMPTS --model M --out DIR      many images: resumable, sharded, with CLIP scores
+    unclip-jax txt2img PROMPT [--model M] [--prior P]    text -> images (StableUnCLIPPipeline: prior + decoder)
+    unclip-jax variation [PROMPT] --image I [--model M]  image variations (StableUnCLIPImg2ImgPipeline)
+    unclip-jax depth2img PROMPT --image I [--model M]    depth-preserving image-to-image
+    unclip-jax generate PROMPTS [--model M] --out DIR    many images: resumable, sharded, with CLIP scores
     unclip-jax convert SOURCE OUT                        a diffusers checkpoint or LDM single file -> an orbax folder
     unclip-jax export SOURCE OUT                         a pipeline -> a diffusers folder (PyTorch-named safetensors)
     unclip-jax train OBJECTIVE --model M --data D --out O  train a decoder, prior, depth, LoRA, ... (training.command)
+
+Without --model the generating commands use the default model shipped in the package
+(`unclip_jax.toy.default`): a toy-domain unCLIP family (one coloured shape on a plain background, 64 x 64)
+trained by the project on a CPU, so that a fresh machine without a hub makes pictures that match their
+prompts. Real checkpoints come from the hub (--model REPO_ID); `tiny` checkpoints are random, for tests.
 
 One module per command (`add_parser`, an optional `check` that loads no model, `run`), the parsing shared
 in `parsing`, what the generating commands share in `common`. Images are written as PNGs carrying their
@@ -38,10 +43,9 @@ def parser() -> argparse.ArgumentParser:
                                              "depth-to-image in JAX.",
                       formatter_class=argparse.RawDescriptionHelpFormatter,
                       epilog=f"Run `{PROG} COMMAND --help` for a command's options. Benchmarks live in the "
-                             "repository's benchmarks/ folder.\n\nexample (no network needed):\n"
-                             f"  {PROG} tiny tiny-unclip\n"
-                             f"  {PROG} txt2img \"a photo of a cat\" --model tiny-unclip --steps 4 --prior-steps 4 "
-                             "--out out")
+                             "repository's benchmarks/ folder.\n\nexample (no network needed; the built-in "
+                             "toy-domain model, 64 x 64 pictures of one coloured shape):\n"
+                             f"  {PROG} txt2img \"a red circle on a blue background\" --out out")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
     for module in COMMANDS.values():
         module.add_parser(sub)

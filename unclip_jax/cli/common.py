@@ -1,6 +1,10 @@
 """What the generating commands (txt2img, variation, depth2img) share: the checks that read files but
 load no model, loading the pipeline, progress lines, and writing the PNGs.
 
+Without --model a command uses the default model shipped in the package (`unclip_jax.toy.default`): its
+`unclip` folder for txt2img and variation (the one folder serves both unCLIP pipelines), its `depth2img`
+folder for depth2img; PNGs record it as `default:FOLDER@DIGEST`.
+
 The library (jax and the pipelines) is imported inside the functions that load or run a model: importing
 it costs about 3 s, and `--help` or a refused argument must not pay it (benchmarks/RESULTS.md).
 """
@@ -22,6 +26,10 @@ PIPELINES = {
     "variation": "StableUnCLIPImg2ImgPipeline",
     "depth2img": "StableDiffusionDepth2ImgPipeline",
 }
+# command -> the default model's folder that an absent --model means
+DEFAULT_MODELS = {"txt2img": "unclip", "variation": "unclip", "depth2img": "depth2img"}
+# Flags that only mean something for a --model (the default model is a local orbax folder).
+_MODEL_ONLY = ("prior", "variant", "revision")
 
 
 def log(msg: str) -> None:
@@ -63,11 +71,31 @@ def check_out(out: str) -> None:
 
 
 def check_model_folder(args) -> None:
-    """A local --model (and --prior) folder, before loading (a hub repo id: once resolved, see `load`)."""
+    """A local --model (and --prior) folder, before loading (a hub repo id: once resolved, see `load`);
+    without --model, the shipped default model's files (sizes only) and configs."""
+    if args.model is None:
+        from unclip_jax.toy import default  # noqa: PLC0415  (standard library only)
+
+        for name in _MODEL_ONLY:
+            if getattr(args, name, None) is not None:
+                raise UsageError(f"--{name} applies to a --model; the default model takes none (give --model too)")
+        name = DEFAULT_MODELS[args.command]
+        default.check_shipped(name)  # a DefaultModelMissing (an OSError) names the missing file
+        check_pipeline_folder(os.path.join(default.weights_dir(), name), args)
+        return
     if getattr(args, "prior", None) is not None and os.path.isdir(args.prior):
         prior_layout(args.prior)
     if os.path.isdir(args.model):
         check_pipeline_folder(args.model, args)
+
+
+def model_name(args) -> str:
+    """--model, or the default model's `default:FOLDER@DIGEST` (what logs and PNGs record)."""
+    if args.model is not None:
+        return args.model
+    from unclip_jax.toy import default  # noqa: PLC0415
+
+    return default.model_id(DEFAULT_MODELS[args.command])
 
 
 def check_pipeline_folder(folder: str, args) -> None:
@@ -78,17 +106,22 @@ def check_pipeline_folder(folder: str, args) -> None:
     from unclip_jax.weights.folder import read_model_index  # noqa: PLC0415
 
     index = read_model_index(folder)
-    check_pipeline_class(folder, index.get("_class_name"), args)
+    check_pipeline_class(folder, index.get("_class_name"), args, index)
     if getattr(args, "noise_level", None) is not None and "image_noising_scheduler" in index:
         config = read_config(os.path.join(folder, "image_noising_scheduler"), "scheduler_config.json")
         # diffusers' DDPMScheduler default when the config leaves it out
         checks.check_noise_level(args.noise_level, int(config.get("num_train_timesteps", 1000)), "--noise-level")
 
 
-def check_pipeline_class(folder: str, found: str | None, args) -> None:
-    """A folder made for another pipeline is named as such (instead of a missing-component error)."""
+def check_pipeline_class(folder: str, found: str | None, args, index: dict | None = None) -> None:
+    """A folder made for another pipeline is named as such (instead of a missing-component error). A
+    StableUnCLIPPipeline folder that also holds an image encoder and its processor (the default model's)
+    serves variation too."""
     want = PIPELINES[args.command]
     if found == want or found not in PIPELINES.values():
+        return
+    if (args.command == "variation" and found == PIPELINES["txt2img"]
+            and all((index or {}).get(k) for k in ("image_encoder", "feature_extractor"))):
         return
     if getattr(args, "prior", None) is not None and found == PIPELINES["variation"]:
         return  # its decoder, with the --prior's prior
@@ -154,9 +187,15 @@ def load(args, progress: bool):
     cls = getattr(unclip_jax, PIPELINES[args.command])
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
     t0 = time.time()
-    with elapsed(f"loading {args.model}", progress):
-        folder = resolve(args.model, cls.COMPONENTS, variant=args.variant, revision=args.revision,
-                         local_files_only=args.local_files_only)
+    name = model_name(args)
+    with elapsed(f"loading {name}", progress):
+        if args.model is None:
+            from unclip_jax.toy import default  # noqa: PLC0415
+
+            folder = default.pipeline_folder(DEFAULT_MODELS[args.command])  # made once, in the cache
+        else:
+            folder = resolve(args.model, cls.COMPONENTS, variant=args.variant, revision=args.revision,
+                             local_files_only=args.local_files_only)
         check_pipeline_folder(folder, args)
         swap = {} if getattr(args, "prior", None) is None else {"prior": args.prior}
         if args.scheduler_class is not None:
@@ -164,7 +203,7 @@ def load(args, progress: bool):
             swap["scheduler"] = scheduler_from_config(config, class_name=args.scheduler_class)
         pipe, params = cls.from_pretrained(folder, dtype=dtype, variant=args.variant,
                                            local_files_only=args.local_files_only, **swap)
-    log(f"loaded {args.model} in {time.time() - t0:.1f}s")
+    log(f"loaded {name} in {time.time() - t0:.1f}s")
     return pipe, params
 
 
@@ -201,6 +240,7 @@ _NOT_RECORDED = {"out", "progress", "images", "scheduler_class", "save_depth", "
 def settings(args, pipe) -> dict:
     """The generation parameters a PNG records."""
     recorded = {k: v for k, v in vars(args).items() if k not in _NOT_RECORDED}
+    recorded["model"] = model_name(args)
     recorded["scheduler"] = type(pipe.scheduler).__name__
     return recorded
 

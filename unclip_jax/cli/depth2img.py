@@ -1,5 +1,9 @@
 """`unclip-jax depth2img`: image -> depth (the checkpoint's DPT, or --depth-map) + VAE latents noised to
---strength -> denoised under the prompt -> PNGs (and, with --save-depth, the depth map used)."""
+--strength -> denoised under the prompt -> PNGs (and, with --save-depth, the depth map used).
+
+Without --model: the default model shipped in the package (unclip_jax.toy.default, its `depth2img`
+folder), trained on 64 x 64 scenes; the input image is then resized to 64 x 64 unless --size says
+otherwise."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from unclip_jax.cli import common
 from unclip_jax.cli.parsing import PROG, UsageError, add_size, check_generation_arguments, generation_parser
 
 EXAMPLES = f"""examples:
+  {PROG} depth2img "a green square on a white background" --image scene.png   # the default model
   {PROG} depth2img "a marble statue" --image room.png --model stabilityai/stable-diffusion-2-depth
   {PROG} depth2img "an oil painting" --image room.png --depth-map room_depth.png --strength 0.7 --size 512 \\
       --model ./depth-orbax --save-depth"""
@@ -18,8 +23,9 @@ def add_parser(sub) -> None:
     d = generation_parser(sub, "depth2img", "re-render an image from a prompt, keeping its depth "
                                             "(StableDiffusionDepth2ImgPipeline)",
                           "Image -> depth (estimated by the checkpoint's DPT, or --depth-map) + VAE latents "
-                          "noised to --strength -> denoised under the prompt -> PNGs.", EXAMPLES,
-                          steps=50, guidance=7.5)
+                          "noised to --strength -> denoised under the prompt -> PNGs. Without --model: the built-in "
+                          "toy-domain model (scenes of coloured shapes, 64 x 64).", EXAMPLES,
+                          steps=50, guidance=7.5, default_model="depth2img")
     d.add_argument("prompt", help="what the image should become")
     d.add_argument("--image", required=True, metavar="PATH", help="the image to re-render (any format PIL reads)")
     d.add_argument("--strength", type=float, default=0.8, metavar="S",
@@ -34,13 +40,18 @@ def add_parser(sub) -> None:
     d.add_argument("--save-depth", action="store_true",
                    help="also write the depth map used, as a 16-bit PNG at the input image's size")
     add_size(d, "resize the input image to this size first, a multiple of 8 (default: as it is, cut down to a "
-                "multiple of 8)")
+                "multiple of 8; with the default model, its 64)")
 
 
 def check(args) -> None:
     from unclip_jax.pipelines import checks  # noqa: PLC0415  (import time: see parsing)
 
     check_generation_arguments(args)
+    if args.model is None and args.height is None and args.width is None:
+        from unclip_jax.toy import default  # noqa: PLC0415  (standard library only)
+
+        common.check_model_folder(args)  # first: a missing default model is named before its configs are read
+        args.height = args.width = default.picture_size(common.DEFAULT_MODELS[args.command])
     if args.max_pixels is None:
         args.max_pixels = checks.MAX_PIXELS
     if (args.height is None) != (args.width is None):

@@ -58,15 +58,27 @@ _OUTPUT_NOTE = ("PNGs go to --out, numbered on from the highest number there (no
                 "are printed on stdout, one a line.")
 
 
+# What --model means when it is left out: the default model shipped in the package (unclip_jax.toy.default).
+DEFAULT_MODEL_HELP = ("default: the built-in toy-domain model, one shape of one colour on a plain background, "
+                      "64 x 64 pictures, trained by the project on a CPU")
+
+
+def add_model_argument(group, folder: str) -> None:
+    """--model, optional: absent, the default model's `folder` ("unclip" or "depth2img")."""
+    group.add_argument("--model", default=None, metavar="PATH_OR_REPO_ID",
+                       help="pipeline folder (diffusers layout, or written by save_pretrained / convert) or hub "
+                            f"repo id ({DEFAULT_MODEL_HELP}: its {folder} pipeline)")
+
+
 def generation_parser(sub, name: str, help_: str, description: str, examples: str, *, steps: int,
-                      guidance: float) -> argparse.ArgumentParser:
-    """A generating command's parser with the model, sampling and output groups every one of them takes."""
+                      guidance: float, default_model: str = "unclip") -> argparse.ArgumentParser:
+    """A generating command's parser with the model, sampling and output groups every one of them takes;
+    `default_model` is the folder of the shipped default model that an absent --model means."""
     rows = "\n".join(f"  {short:<13} {cls}" for short, cls in SCHEDULER_NAMES.items())
     p = command_parser(sub, name, help_, f"{description} {_OUTPUT_NOTE}", examples,
                        notes=f"schedulers (--scheduler; short name or class name, any case):\n{rows}")
     m = p.add_argument_group("model")
-    m.add_argument("--model", required=True, metavar="PATH_OR_REPO_ID",
-                   help="pipeline folder (diffusers layout, or written by save_pretrained / convert) or hub repo id")
+    add_model_argument(m, default_model)
     m.add_argument("--dtype", default="fp32", choices=DTYPES, help="compute dtype (default fp32)")
     m.add_argument("--variant", default=None, help='weight file variant of a diffusers folder, e.g. "fp16"')
     m.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")

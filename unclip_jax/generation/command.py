@@ -1,7 +1,10 @@
 """`unclip-jax generate`: many images from a prompts file or a dataset column, resumable and sharded.
 
-    unclip-jax generate PROMPTS --model DIR --out DIR --seed S --batch-size B [--steps N]
+    unclip-jax generate PROMPTS [--model DIR] --out DIR --seed S --batch-size B [--steps N]
         [--format png|webdataset] [--pipeline txt2img|variation|depth2img] [--strict] [--clip-model DIR]
+
+Without --model: the default model shipped in the package (unclip_jax.toy.default; its `unclip` folder
+for txt2img and variation, its `depth2img` folder for depth2img).
 
 Nothing here imports JAX until the command runs, so `--help` stays fast.
 """
@@ -14,7 +17,7 @@ import os
 import sys
 import time
 
-from unclip_jax.cli.parsing import DTYPES, add_size
+from unclip_jax.cli.parsing import DEFAULT_MODEL_HELP, DTYPES, add_size
 
 DESCRIPTION = """\
 Makes one image per item of PROMPTS and writes them to --out with an index (OUT/index.jsonl: index,
@@ -50,7 +53,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", metavar="PROMPTS", help="prompts file (plain or JSON lines), or a dataset with "
                                                       "--dataset-column")
-    p.add_argument("--model", required=True, metavar="PATH_OR_REPO_ID", help="pipeline folder or hub repo id")
+    p.add_argument("--model", default=None, metavar="PATH_OR_REPO_ID",
+                   help=f"pipeline folder or hub repo id ({DEFAULT_MODEL_HELP}: its unclip pipeline for txt2img "
+                        "and variation, its depth2img pipeline for depth2img)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; resumed if it holds this run)")
     p.add_argument("--pipeline", default="txt2img", choices=tuple(DEFAULTS), help="default txt2img")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="run seed: item i's seed is S + i unless it "
@@ -171,7 +176,8 @@ def run(args, progress: bool) -> None:
                    "dataset": [args.dataset_column, args.image_column, args.split] if args.dataset_column else None}
     summary = generate(BatchRunner(pipe, params, args.pipeline), items, out=args.out, batch_size=args.batch_size,
                        fmt=args.format, shard_size=args.shard_size, scorer=scorer, strict=args.strict,
-                       progress=progress, run_info=run_info_of(pipe, args.pipeline, args.model),
+                       progress=progress,
+                       run_info=run_info_of(pipe, args.pipeline, common.model_name(_as_pipeline_command(args))),
                        fingerprint=fingerprint, errors=errors)
     summary.seconds = time.time() - t0
     print(f"unclip-jax generate: {summary.line()}", file=sys.stderr, flush=True)
