@@ -18,16 +18,15 @@ EXAMPLES = f"""examples:
 
 def add_parser(sub) -> None:
     g = generation_parser(sub, "txt2img", "generate images from a prompt (StableUnCLIPPipeline)",
-                          "Text -> Karlo prior -> CLIP image embedding -> Stable unCLIP decoder -> PNGs. Without --model: "
-                          "the built-in toy-domain model (one shape of one colour on a plain background, 64 x 64).",
-                          EXAMPLES,
-                          steps=20, guidance=10.0)
+                          "Text -> Karlo prior -> CLIP image embedding -> Stable unCLIP decoder -> PNGs. "
+                          "Without --model: the built-in toy-domain model (one shape of one colour on a plain "
+                          "background, 64 x 64).", EXAMPLES, steps=20, guidance=10.0)
     g.add_argument("prompt", help="what to draw")
     g.add_argument("--prior", default=None, metavar="PATH_OR_REPO_ID",
                    help="take the prior (tokenizer, CLIP text model, PriorTransformer, scheduler) from this "
                         "pipeline: a Karlo UnCLIPPipeline (kakaobrain/karlo-v1-alpha, as diffusers' recipe "
                         "for stable-diffusion-2-1-unclip-small) or a StableUnCLIPPipeline; then --model may "
-                        "be an image-variation checkpoint, whose decoder is used")
+                        "be an image-variation checkpoint, whose decoder is used (needs --model)")
     g.add_argument("--prior-steps", type=int, default=25, metavar="N", help="prior denoising steps (default 25)")
     g.add_argument("--prior-guidance", type=float, default=4.0, metavar="SCALE", help="prior guidance scale (default 4)")
     add_noise_level(g)
