@@ -361,7 +361,10 @@ def main(argv=None) -> int:
     else:
         folders = os.path.join(args.folder, "unclip"), os.path.join(args.folder, "depth2img")
     combos = list(domain.ALL_COMBOS) if args.full else test_combos()
-    pipes = load(*folders)
+    try:
+        pipes = load(*folders)
+    except FileNotFoundError as e:
+        p.error(str(e))
     out, images = evaluate(pipes, combos)
     out["settings"] = dict(folders=list(folders), combos=len(combos), seed=SEED, decoder_steps=DECODER_STEPS,
                            prior_steps=PRIOR_STEPS, guidance=GUIDANCE, prior_guidance=PRIOR_GUIDANCE,
