@@ -136,7 +136,7 @@ def article(word: str) -> str:
 
 def canonical_caption(shape: str, color: str, background: str) -> str:
     """The plain caption, e.g. "a red circle on a blue background"."""
-    return f"{article(color)} {color} {shape} on a {background} background"
+    return f"{article(color)} {color} {shape} on {article(background)} {background} background"
 
 
 def position_cell(center: tuple[float, float]) -> tuple[str, str]:

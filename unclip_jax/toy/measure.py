@@ -12,7 +12,8 @@
    1, triangle 0.5), the nearest of those (boundaries ~0.64 and ~0.89). The box spans the rows and
    columns holding at least `MIN_LINE` region pixels, so a few stray pixels do not stretch it.
 
-`depth_correlation(a, b)` is the Pearson correlation of two depth maps of one shape (flattened).
+`bounding_box(mask)` gives the region's box (what the variation test compares, to see a shape moved or
+resized). `depth_correlation(a, b)` is the Pearson correlation of two depth maps of one shape (flattened).
 `evaluation_prompts()` lists the canonical prompts of all 270 palette combinations (held-out ones
 included) and `score(images, combos)` the fractions of pictures measured as asked, for issue 18's tests.
 """
@@ -83,14 +84,23 @@ def _neighbours(mask: np.ndarray) -> np.ndarray:
     return sum(p[1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)) - mask
 
 
-def fill_ratio(mask: np.ndarray) -> float:
-    """The fraction of the mask's bounding box (rows/columns with >= MIN_LINE pixels) it covers."""
+def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(top, left, bottom, right) of the mask's bounding box, ends exclusive: the span of the rows and
+    columns holding >= MIN_LINE mask pixels; None for an empty mask."""
     rows = np.flatnonzero(mask.sum(axis=1) >= MIN_LINE)
     cols = np.flatnonzero(mask.sum(axis=0) >= MIN_LINE)
     if rows.size == 0 or cols.size == 0:
+        return None
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def fill_ratio(mask: np.ndarray) -> float:
+    """The fraction of the mask's bounding box (`bounding_box`) it covers."""
+    box = bounding_box(mask)
+    if box is None:
         return 0.0
-    box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    return float(box.mean())
+    top, left, bottom, right = box
+    return float(mask[top:bottom, left:right].mean())
 
 
 def shape_from_fill(fill: float) -> str:
