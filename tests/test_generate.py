@@ -19,6 +19,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from unclip_jax import files
 from unclip_jax.generation import items as gi
 from unclip_jax.generation import output
 
@@ -259,18 +260,18 @@ def test_webdataset_shards_resume(runners, tmp_path, monkeypatch):
                                   "00003.png", "00003.json"]
 
     # A run that dies while writing its first shard (after staging its first batch) ...
-    real = output.atomic_write
+    real = files.atomic_write
 
     def dying(path, data):
         if os.path.basename(path).startswith("shard-"):
             raise KeyboardInterrupt("killed")
         real(path, data)
 
-    monkeypatch.setattr(output, "atomic_write", dying)
+    monkeypatch.setattr(files, "atomic_write", dying)
     with pytest.raises(KeyboardInterrupt):
         generate(runners[8], items, out=str(tmp_path / "resumed"), **kw)
     assert sorted(os.listdir(tmp_path / "resumed" / output.PARTIAL)) == ["batch-000000.tar", "batch-000001.tar"]
-    monkeypatch.setattr(output, "atomic_write", real)
+    monkeypatch.setattr(files, "atomic_write", real)
     # ... resumes from its staged batches and ends with the same bytes.
     summary = generate(runners[8], items, out=str(tmp_path / "resumed"), **kw)
     assert (summary.made, summary.total) == (1, 5)

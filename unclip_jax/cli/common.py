@@ -12,13 +12,13 @@ it costs about 3 s, and `--help` or a refused argument must not pay it (benchmar
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import sys
 import threading
 import time
 
+from unclip_jax import files
 from unclip_jax.cli.parsing import PROG, UsageError
 
 PIPELINES = {
@@ -252,22 +252,8 @@ def _next_number(folder: str) -> int:
 
 
 def _write_png(image, path: str, parameters: dict) -> None:
-    """Written beside `path` under a hidden name, then renamed: a killed run leaves no half-written PNG."""
-    from PIL.PngImagePlugin import PngInfo  # noqa: PLC0415  (import time)
-
-    import unclip_jax  # noqa: PLC0415
-
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(parameters))
-    info.add_text("Software", f"unclip-jax {unclip_jax.__version__}")
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.partial")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Written atomically: a killed run leaves no half-written PNG."""
+    files.atomic_write(path, files.png_bytes(image, parameters))
     print(path, flush=True)
 
 

@@ -1,8 +1,8 @@
 """Where a run's images go, written so that a run killed at any moment (SIGKILL included) and started
 again ends with the files an uninterrupted run makes: nothing missing, nothing twice, nothing torn.
 
-- Every file is written under a temporary name in its folder, flushed to disk (fsync) and renamed into
-  place; temporaries left by a killed run (`.*.tmp`) are removed when the run starts again.
+- Every file is written by `files.atomic_write` (a temporary name in its folder, fsync, rename);
+  temporaries left by a killed run are removed when the run starts again.
 - OUT/index.jsonl names only finished files: a batch's lines are appended (one write, then fsync) after
   its files are in place. A line torn by a kill is dropped when the run starts again. A batch is done when
   the index names all of its items; otherwise it is made again (same inputs, same bytes) and only its
@@ -21,55 +21,16 @@ import json
 import os
 import tarfile
 
-TMP_SUFFIX = ".tmp"
+from unclip_jax import files
+
 PARTIAL = ".partial"
 
 
-def atomic_write(path: str, data: bytes, sync: bool = True) -> None:
-    """Writes `data` to `path` through a temporary file, fsync and rename, then fsyncs the folder (`sync`
-    False leaves that to the caller, once for many files)."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}{TMP_SUFFIX}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if sync:
-        fsync_folder(folder)
-
-
-def fsync_folder(folder: str) -> None:
-    """fsync a folder: the renames in it survive a power loss."""
-    fd = os.open(folder or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def remove_temporaries(folder: str) -> None:
-    """Removes what a killed run left half-written: our own `.NAME.PID.tmp` files, nothing else."""
+    """Removes what a killed run left half-written in OUT and OUT/.partial: `files.atomic_path`'s
+    temporaries, nothing else."""
     for base in (folder, os.path.join(folder, PARTIAL)):
-        if not os.path.isdir(base):
-            continue
-        for name in os.listdir(base):
-            if name.startswith(".") and name.endswith(TMP_SUFFIX):
-                os.remove(os.path.join(base, name))
-
-
-def png_bytes(image, record: dict) -> bytes:
-    """A PIL image as PNG bytes with `record` as JSON under the text key `parameters`."""
-    from PIL.PngImagePlugin import PngInfo  # noqa: PLC0415
-
-    import unclip_jax  # noqa: PLC0415
-
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(record, sort_keys=True))
-    info.add_text("Software", f"unclip-jax {unclip_jax.__version__}")
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
+        files.remove_temporaries(base)
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
@@ -124,7 +85,7 @@ class Index:
                 if path == self.path:
                     mine.append(record)
         if os.path.exists(self.path) or mine:
-            atomic_write(self.path, b"".join(_line(r) for r in mine))
+            files.atomic_write(self.path, b"".join(_line(r) for r in mine))
         return dropped
 
     def add(self, records: list[dict]) -> None:
@@ -151,7 +112,8 @@ class Index:
                         records[int(r["index"])] = r
                     except (ValueError, KeyError, TypeError):
                         continue
-        atomic_write(os.path.join(self.folder, "index.jsonl"), b"".join(_line(records[i]) for i in sorted(records)))
+        data = b"".join(_line(records[i]) for i in sorted(records))
+        files.atomic_write(os.path.join(self.folder, "index.jsonl"), data)
         for path in self.part_paths():
             if os.path.basename(path) != "index.jsonl":
                 os.remove(path)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax import files
 from unclip_jax.generation import output
 from unclip_jax.generation.items import InputError, Item, group_key, host_share, number_width, plan_batches, plan_units
 
@@ -61,34 +62,30 @@ def item_draws(seeds: list[int], shapes: tuple) -> dict[str, np.ndarray]:
     return {name: np.asarray(x) for (name, _, _), x in zip(shapes, _draw(item_keys(seeds), shapes))}
 
 
-def load_image(item: Item):
-    """The item's image as an RGB PIL image; InputError naming its file if it cannot be read."""
+def _read_image(item: Item, read):
+    """read(PIL image) of the item's image (a PIL image, or a file opened for the call); InputError naming
+    the file if it cannot be read."""
     import PIL.Image  # noqa: PLC0415
 
     if isinstance(item.image, PIL.Image.Image):
-        return item.image.convert("RGB")
+        return read(item.image)
     try:
         with PIL.Image.open(item.image) as image:
-            return image.convert("RGB")
+            return read(image)
     except FileNotFoundError:
         raise InputError(f"{item.image}: no such image file ({item.where})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise InputError(f"{item.image}: cannot read it as an image ({e}; {item.where})") from None
+
+
+def load_image(item: Item):
+    """The item's image as an RGB PIL image; InputError naming its file if it cannot be read."""
+    return _read_image(item, lambda image: image.convert("RGB"))
 
 
 def image_size(item: Item) -> tuple[int, int]:
     """(width, height) of the item's image, from its header; InputError naming the file otherwise."""
-    import PIL.Image  # noqa: PLC0415
-
-    if isinstance(item.image, PIL.Image.Image):
-        return item.image.size
-    try:
-        with PIL.Image.open(item.image) as image:
-            return image.size
-    except FileNotFoundError:
-        raise InputError(f"{item.image}: no such image file ({item.where})") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"{item.image}: cannot read it as an image ({e}; {item.where})") from None
+    return _read_image(item, lambda image: image.size)
 
 
 class BatchRunner:
@@ -237,7 +234,7 @@ def _check_run_file(out: str, run_info: dict) -> None:
                              "resume with the same command, or choose a new --out")
         if old is not None:
             return
-    output.atomic_write(path, data)
+    files.atomic_write(path, data)
 
 
 def generate(runner: BatchRunner, items: list[Item], *, out: str, batch_size: int, fmt: str = "png",
@@ -327,7 +324,7 @@ def generate(runner: BatchRunner, items: list[Item], *, out: str, batch_size: in
                 record["file"] = f"{key}.png"
             else:
                 record["key"] = key
-            made.append((record, output.png_bytes(image, record)))
+            made.append((record, files.png_bytes(image, record)))
         return made
 
     for unit in units:
@@ -346,8 +343,8 @@ def generate(runner: BatchRunner, items: list[Item], *, out: str, batch_size: in
             for batch in todo:
                 made = make(batch)
                 for record, data in made:
-                    output.atomic_write(os.path.join(out, record["file"]), data, sync=False)
-                output.fsync_folder(out)  # once per batch: the renames are durable before the index names them
+                    files.atomic_write(os.path.join(out, record["file"]), data, sync_folder=False)
+                files.fsync_folder(out)  # once per batch: the renames are durable before the index names them
                 index.add([r for r, _ in made])
                 summary.made += len(made)
                 if bar is not None:
@@ -369,12 +366,12 @@ def generate(runner: BatchRunner, items: list[Item], *, out: str, batch_size: in
                     part += [(f"{record['key']}.png", data),
                              (f"{record['key']}.json", json.dumps(record, sort_keys=True).encode())]
                     summary.made += 1
-                output.atomic_write(staged, output.tar_bytes(part))
+                files.atomic_write(staged, output.tar_bytes(part))
                 if bar is not None:
                     bar.update(len(batch.items))
             members += part
             records += [json.loads(d) for name, d in part if name.endswith(".json")]
-        output.atomic_write(os.path.join(out, shard), output.tar_bytes(members))
+        files.atomic_write(os.path.join(out, shard), output.tar_bytes(members))
         index.add(records)
         for batch in unit:
             os.remove(os.path.join(staging, f"batch-{batch.number:06d}.tar"))

@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from unclip_jax import files
+
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 
@@ -99,15 +101,6 @@ def check_compatible(meta: dict[str, Any], *, objective: str, model: str, traina
 # ---------------------------------------------------------------------------------------------- metrics
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def truncate_metrics(path: str, step: int) -> None:
     """Keeps the lines of `path` for steps <= `step` (a half-written last line goes too), atomically."""
     if not os.path.exists(path):
@@ -121,4 +114,4 @@ def truncate_metrics(path: str, step: int) -> None:
                 continue
             if line.endswith("\n") and isinstance(row, dict) and row.get("step", step + 1) <= step:
                 kept.append(line)
-    atomic_write_text(path, "".join(kept))
+    files.atomic_write(path, "".join(kept))

@@ -31,11 +31,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from unclip_jax import files
 from unclip_jax.training.checkpoint import (
     METRICS,
     Checkpoints,
     ResumeError,
-    atomic_write_text,
     check_compatible,
     signature,
     truncate_metrics,
@@ -174,9 +174,7 @@ def write_grid(images: np.ndarray, path: str) -> np.ndarray:
     grid = np.concatenate(list(np.clip(images, 0, 1)), axis=1)
     grid = (grid * 255).round().astype(np.uint8)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
+    files.atomic_write(path, files.png_bytes(Image.fromarray(grid)))
     return grid
 
 
@@ -295,10 +293,13 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
     if checkpoints is None:
         checkpoints = Checkpoints(config.out, every=config.save_every, keep=config.keep)
     primary = jax.process_index() == 0
+    if primary:  # what a killed run left half-written (our own temporaries only)
+        for folder in (config.out, os.path.join(config.out, "validation")):
+            files.remove_temporaries(folder)
     metrics = _Metrics(config.out, start, config.log_every, primary)
     if primary:
-        atomic_write_text(os.path.join(config.out, "train_config.json"),
-                          json.dumps(_describe(config, resolution), indent=2))
+        files.atomic_write(os.path.join(config.out, "train_config.json"),
+                           json.dumps(_describe(config, resolution), indent=2))
 
     validation = None
     if config.validation_prompts:

@@ -15,13 +15,13 @@ only shapes, so real-size checkpoints are checked without allocating them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -31,6 +31,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from unclip_jax.files import atomic_write
 from unclip_jax.weights.errors import ConversionError
 from unclip_jax.weights.tree import compare
 
@@ -300,16 +301,9 @@ def _read_abstract(path: str):
 def _write_abstract(path: str, flat) -> None:
     """Writes the flat tree atomically (a temporary file, then a rename); a failure only loses the entry."""
     entries = [[list(p), list(x.shape), jnp.dtype(x.dtype).name] for p, x in flat.items()]
-    tmp = None
-    try:
+    with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"params": entries}, f)
-        os.replace(tmp, path)
-    except OSError:
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_write(path, json.dumps({"params": entries}))
 
 
 def _unfreeze(tree):

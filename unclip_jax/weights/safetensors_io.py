@@ -18,6 +18,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from unclip_jax.files import atomic_path
 from unclip_jax.weights.errors import CheckpointError
 
 __all__ = ["CheckpointError", "SafetensorsFile", "TensorInfo", "read_header", "read_metadata", "save_file"]
@@ -102,14 +103,9 @@ class SafetensorsFile(Mapping):
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str] | None = None) -> None:
     """Writes numpy arrays (bf16 included) as a safetensors file, atomically (temporary file, then rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        arrays = {name: np.ascontiguousarray(np.asarray(x)) for name, x in tensors.items()}
+    arrays = {name: np.ascontiguousarray(np.asarray(x)) for name, x in tensors.items()}
+    with atomic_path(path) as tmp:
         try:
             safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata) if metadata else None)
         except Exception as e:  # noqa: BLE001  (an unsupported dtype, a non-string metadata value)
             raise CheckpointError(f"{path}: cannot write ({e})") from e
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

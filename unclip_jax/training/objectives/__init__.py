@@ -9,9 +9,10 @@ Objectives and the pipeline each trains:
   decoder            StableUnCLIPImg2ImgPipeline: the UNet, on noise-augmented CLIP image embeddings.
   prior              StableUnCLIPPipeline: the PriorTransformer, a DDPM on the CLIP image embedding.
   depth              StableDiffusionDepth2ImgPipeline: the 5-channel UNet with a depth map.
-  lora               any of the three: LoRA adapters on the UNet (and optionally the text encoder).
-  textual-inversion  any of the three: new token embeddings.
-  clip               StableUnCLIPImg2ImgPipeline: the text and vision towers, contrastively.
+  lora               the decoder's or depth's pipeline: LoRA adapters on the UNet (and optionally the text
+                     encoder), through that objective's loss.
+  textual-inversion  the decoder's or depth's pipeline: new token embeddings, through that objective's loss.
+  clip               StableUnCLIPPipeline: the prior text tower and an image encoder, contrastively.
   vae                any pipeline with a VAE: L1 reconstruction + KL (LDM's autoencoder, no GAN/LPIPS).
   dpt                StableDiffusionDepth2ImgPipeline: the DPT, MiDaS's scale-and-shift-invariant loss.
 
@@ -23,7 +24,7 @@ Objectives and the pipeline each trains:
     guidance (the empty prompt's encoding; a zero image embedding).
   noise_level (int | (min, max)): the decoder's noise-augmentation level(s), inclusive (default: all).
   image_encoder (str): a CLIPVisionModelWithProjection folder (or a pipeline folder holding
-    image_encoder/ and feature_extractor/) giving the prior's target embedding.
+    image_encoder/ and feature_extractor/): the prior's target embedding; clip's vision tower.
   resolution (int): the training images' side, checked against the VAE factor.
   lora_rank (4), lora_alpha (= rank), lora_text_encoder (False): the LoRA adapters.
   placeholder_token, initializer_token, num_vectors (1): textual inversion's new token(s).

@@ -22,13 +22,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from unclip_jax.tokenizer import tokenize
 from unclip_jax.training.objective import Objective
-from unclip_jax.training.objectives.decoder import images_of
 from unclip_jax.training.objectives.params import make_split, merge
-from unclip_jax.training.objectives.prior import image_encoder_folders, load_image_encoder
+from unclip_jax.training.objectives.prior import caption_image_collate, image_encoder_folders, image_encoder_option
 
 EXTRA = ("image_encoder", "logit_scale")  # params beside the pipeline's own
 
@@ -79,23 +76,12 @@ def build(pipe, params, options: dict):
     if not isinstance(pipe, StableUnCLIPPipeline):
         raise TypeError("the clip objective trains a StableUnCLIPPipeline's prior text encoder with an image encoder; "
                         f"got {type(pipe).__name__}")
-    source = options.get("image_encoder")
-    if source is None:
-        raise ValueError("the clip objective needs options['image_encoder']: the vision tower (a CLIP vision model "
-                         "with projection)")
-    encoder, encoder_params, processor = load_image_encoder(str(source), pipe.prior_text_encoder.dtype)
-    width, want = encoder.config.projection_dim, pipe.prior_text_encoder.config.projection_dim
-    if width != want:
-        raise ValueError(f"image_encoder: {source} projects to width {width}; the text tower to {want}")
+    text_tower = pipe.prior_text_encoder
+    encoder, encoder_params, processor = image_encoder_option(
+        options, "clip", text_tower.dtype, text_tower.config.projection_dim, "the text tower's projection")
     logit_scale = jnp.float32(options.get("logit_scale", math.log(1 / 0.07)))
-
-    def collate(examples: list[dict]) -> dict[str, np.ndarray]:
-        images = images_of(examples, 1)
-        ids, mask = tokenize(pipe.prior_tokenizer, [e["text"] for e in examples], "text")
-        return {"clip_pixel_values": processor(images), "prior_input_ids": ids, "prior_attention_mask": mask}
-
     split, merge_ = make_split(["prior_text_encoder", *EXTRA])
-    encoder_folder, processor_folder = image_encoder_folders(str(source))
+    encoder_folder, processor_folder = image_encoder_folders(str(options["image_encoder"]))
 
     def save(out_dir: str, pipe_, params_) -> None:
         pipe_.save_pretrained(out_dir, {k: v for k, v in params_.items() if k not in EXTRA})
@@ -107,8 +93,8 @@ def build(pipe, params, options: dict):
         with open(os.path.join(out_dir, "logit_scale.json"), "w") as f:
             json.dump({"logit_scale": float(params_["logit_scale"])}, f)
 
-    objective = Objective(name="clip", collate=collate, split=split, merge=merge_, loss=CLIPLoss(pipe, encoder),
-                          save=save, pipeline_class=type(pipe))
+    objective = Objective(name="clip", collate=caption_image_collate(pipe, processor), split=split, merge=merge_,
+                          loss=CLIPLoss(pipe, encoder), save=save, pipeline_class=type(pipe))
     return objective, pipe, {**params, "image_encoder": encoder_params, "logit_scale": logit_scale}
 
 

@@ -74,6 +74,13 @@ def encode_text(text_encoder, params, ids, empty_ids=None, drop=None) -> jax.Arr
     return jnp.where(drop[:, None, None], empty.astype(hidden.dtype), hidden)
 
 
+def latent_shape(pipe, batch: dict) -> tuple[int, ...]:
+    """[B, H/f, W/f, C]: the VAE latents' shape of the batch's `pixel_values` [B, H, W, 3]."""
+    b, h, w, _ = batch["pixel_values"].shape
+    f = pipe.vae_scale_factor
+    return (b, h // f, w // f, pipe.vae.config.latent_channels)
+
+
 def posterior_latents(vae, params, pixels, noise) -> jax.Array:
     """The VAE posterior sample (mean + std * noise) times the scaling factor, [B, h, w, C] float32."""
     post = vae.apply({"params": params}, pixels, method="encode")
@@ -92,14 +99,9 @@ class DecoderLoss:
     noise_level: tuple[int, int]
     empty_ids: Any  # the empty prompt's ids [1, T] (numpy, static)
 
-    def latent_shape(self, batch) -> tuple[int, ...]:
-        b, h, w, _ = batch["pixel_values"].shape
-        f = self.pipe.vae_scale_factor
-        return (b, h // f, w // f, self.pipe.vae.config.latent_channels)
-
     def draw(self, key: jax.Array, batch: dict) -> dict[str, jax.Array]:
         k_diff, k_post, k_level, k_embed, k_drop = jax.random.split(key, 5)
-        shape = self.latent_shape(batch)
+        shape = latent_shape(self.pipe, batch)
         b = shape[0]
         d = self.denoising.draw(k_diff, shape)
         d["posterior_noise"] = jax.random.normal(k_post, shape, jnp.float32)

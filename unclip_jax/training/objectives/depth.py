@@ -25,6 +25,7 @@ from unclip_jax.training.objectives.decoder import (
     check_probability,
     encode_text,
     images_of,
+    latent_shape,
     posterior_latents,
     save_pipeline,
     text_ids,
@@ -57,14 +58,9 @@ class DepthLoss:
     text_dropout: float
     empty_ids: Any
 
-    def latent_shape(self, batch) -> tuple[int, ...]:
-        b, h, w, _ = batch["pixel_values"].shape
-        f = self.pipe.vae_scale_factor
-        return (b, h // f, w // f, self.pipe.vae.config.latent_channels)
-
     def draw(self, key: jax.Array, batch: dict) -> dict[str, jax.Array]:
         k_diff, k_post, k_drop = jax.random.split(key, 3)
-        shape = self.latent_shape(batch)
+        shape = latent_shape(self.pipe, batch)
         d = self.denoising.draw(k_diff, shape)
         d["posterior_noise"] = jax.random.normal(k_post, shape, jnp.float32)
         d["drop_text"] = jax.random.bernoulli(k_drop, self.text_dropout, (shape[0],))
@@ -73,7 +69,7 @@ class DepthLoss:
     def depth_mask(self, params, batch) -> jax.Array:
         """The UNet's depth channel [B, h, w, 1] in [-1, 1]."""
         depth = batch["depth"] if "depth" in batch else self.pipe._depth(params, batch["dpt_pixel_values"])
-        b, h, w, _ = self.latent_shape(batch)
+        b, h, w, _ = latent_shape(self.pipe, batch)
         return self.pipe._depth_mask(depth.astype(jnp.float32), jnp.arange(b), size=(h, w))
 
     def given(self, trainable, frozen, batch, draws) -> tuple[jax.Array, dict]:

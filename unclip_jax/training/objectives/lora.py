@@ -65,20 +65,26 @@ class LoraLoss:
         return self.given(trainable, frozen, batch, self.draw(key, batch))
 
 
+def base_objective(pipe, what: str):
+    """The objective module (decoder or depth) of `pipe`'s UNet, whose loss LoRA and textual inversion train
+    through; TypeError for another pipeline (`what`: the objective's phrase for the error)."""
+    from unclip_jax.pipelines.depth2img import StableDiffusionDepth2ImgPipeline  # noqa: PLC0415
+    from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline  # noqa: PLC0415
+    from unclip_jax.training.objectives import decoder, depth  # noqa: PLC0415
+
+    bases = {StableUnCLIPImg2ImgPipeline: decoder, StableDiffusionDepth2ImgPipeline: depth}
+    if type(pipe) not in bases:
+        raise TypeError(f"{what} of a StableUnCLIPImg2ImgPipeline (the Stable unCLIP decoder, with its image "
+                        f"encoder) or a StableDiffusionDepth2ImgPipeline; got {type(pipe).__name__}")
+    return bases[type(pipe)]
+
+
 def build(pipe, params, options: dict):
     """LoRA on a StableUnCLIPImg2ImgPipeline or StableDiffusionDepth2ImgPipeline (see the module docstring).
 
     options: lora_rank (4), lora_alpha (the rank), lora_text_encoder (False), seed (0: the adapter's
     initial draw), and the base objective's."""
-    from unclip_jax.pipelines.depth2img import StableDiffusionDepth2ImgPipeline  # noqa: PLC0415
-    from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline  # noqa: PLC0415
-    from unclip_jax.training.objectives import depth, decoder  # noqa: PLC0415
-
-    bases = {StableUnCLIPImg2ImgPipeline: decoder, StableDiffusionDepth2ImgPipeline: depth}
-    base_module = bases.get(type(pipe))
-    if base_module is None:
-        raise TypeError("LoRA trains the UNet of a StableUnCLIPImg2ImgPipeline (the Stable unCLIP decoder, with its "
-                        f"image encoder) or a StableDiffusionDepth2ImgPipeline; got {type(pipe).__name__}")
+    base_module = base_objective(pipe, "LoRA trains the UNet")
     if L.LORA in params:
         raise ValueError("the params already hold LoRA adapters: fuse or unload them before training a new one")
     rank = int(options.get("lora_rank", 4))
@@ -103,4 +109,4 @@ def build(pipe, params, options: dict):
     return objective, pipe, params
 
 
-__all__ = ["ADAPTER", "LoraLoss", "TARGETS", "build", "lora_layers"]
+__all__ = ["ADAPTER", "LoraLoss", "TARGETS", "base_objective", "build", "lora_layers"]

@@ -56,6 +56,31 @@ def load_image_encoder(path: str, dtype=jnp.float32):
     return module, params, CLIPImageProcessor.from_pretrained(processor)
 
 
+def image_encoder_option(options: dict, objective: str, dtype, width: int, against: str):
+    """(module, params, CLIPImageProcessor) of `options["image_encoder"]` (see module doc), which must
+    project to `width`, the width of `against` (named in the errors)."""
+    source = options.get("image_encoder")
+    if source is None:
+        raise ValueError(f"the {objective} objective needs options['image_encoder']: a CLIP vision model with "
+                         f"projection as wide as {against} ({width})")
+    encoder, params, processor = load_image_encoder(str(source), dtype)
+    got = encoder.config.projection_dim
+    if got != width:
+        raise ValueError(f"image_encoder: {source} projects to width {got}; {against} is {width} wide")
+    return encoder, params, processor
+
+
+def caption_image_collate(pipe, processor):
+    """collate(examples): the images' CLIP pixel values and the captions' prior-tokenizer ids and mask."""
+
+    def collate(examples: list[dict]) -> dict[str, np.ndarray]:
+        images = images_of(examples, 1)
+        ids, mask = tokenize(pipe.prior_tokenizer, [e["text"] for e in examples], "text")
+        return {"clip_pixel_values": processor(images), "prior_input_ids": ids, "prior_attention_mask": mask}
+
+    return collate
+
+
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a jit closure's constant
 class PriorLoss:
     """`loss(trainable, frozen, batch, key)`; `draw(key, batch)` and `given(..., draws)` expose the draws."""
@@ -100,31 +125,20 @@ def build(pipe, params, options: dict):
 
     if not isinstance(pipe, StableUnCLIPPipeline):
         raise TypeError(f"the prior objective trains a StableUnCLIPPipeline's prior; got {type(pipe).__name__}")
-    source = options.get("image_encoder")
-    if source is None:
-        raise ValueError("the prior objective needs options['image_encoder']: a CLIP vision encoder (with "
-                         "projection) whose embedding the prior learns")
-    encoder, encoder_params, processor = load_image_encoder(str(source), pipe.prior.dtype)
-    width, want = encoder.config.projection_dim, pipe.prior.config.clip_dim
-    if width != want:
-        raise ValueError(f"image_encoder: {source} embeds to width {width}; the prior's embedding is {want} wide")
+    encoder, encoder_params, processor = image_encoder_option(
+        options, "prior", pipe.prior.dtype, pipe.prior.config.clip_dim, "the prior's embedding")
     empty_ids, empty_mask = tokenize(pipe.prior_tokenizer, [""])
     loss = PriorLoss(pipe, encoder, denoising_from_options(pipe.prior_scheduler.config, options),
                      check_probability(options, "text_dropout"), empty_ids, empty_mask)
-
-    def collate(examples: list[dict]) -> dict[str, np.ndarray]:
-        images = images_of(examples, 1)
-        ids, mask = tokenize(pipe.prior_tokenizer, [e["text"] for e in examples], "text")
-        return {"clip_pixel_values": processor(images), "prior_input_ids": ids, "prior_attention_mask": mask}
-
     split, merge_ = make_split(["prior"], exclude=CLIP_STATS)
 
     def save(out_dir: str, pipe_, params_) -> None:
         pipe_.save_pretrained(out_dir, {k: v for k, v in params_.items() if k != "image_encoder"})
 
-    objective = Objective(name="prior", collate=collate, split=split, merge=merge_, loss=loss, save=save,
-                          pipeline_class=type(pipe))
+    objective = Objective(name="prior", collate=caption_image_collate(pipe, processor), split=split, merge=merge_,
+                          loss=loss, save=save, pipeline_class=type(pipe))
     return objective, pipe, {**params, "image_encoder": encoder_params}
 
 
-__all__ = ["PriorLoss", "build", "image_encoder_folders", "load_image_encoder"]
+__all__ = ["PriorLoss", "build", "caption_image_collate", "image_encoder_folders", "image_encoder_option",
+           "load_image_encoder"]

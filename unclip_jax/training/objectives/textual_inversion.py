@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.textual_inversion import TEXT_INVERSION_NAMES, _TABLE, _replace, add_embeddings
-from unclip_jax.training.objectives.lora import LoraLoss
+from unclip_jax.training.objectives.lora import LoraLoss, base_objective
 from unclip_jax.weights.safetensors_io import save_file
 
 
@@ -40,15 +40,7 @@ def build(pipe, params, options: dict):
     """Textual inversion on a StableUnCLIPImg2ImgPipeline or StableDiffusionDepth2ImgPipeline (see the module
     docstring). options: placeholder_token, initializer_token (both needed), num_vectors (1), and the base
     objective's."""
-    from unclip_jax.pipelines.depth2img import StableDiffusionDepth2ImgPipeline  # noqa: PLC0415
-    from unclip_jax.pipelines.stable_unclip import StableUnCLIPImg2ImgPipeline  # noqa: PLC0415
-    from unclip_jax.training.objectives import decoder, depth  # noqa: PLC0415
-
-    bases = {StableUnCLIPImg2ImgPipeline: decoder, StableDiffusionDepth2ImgPipeline: depth}
-    base_module = bases.get(type(pipe))
-    if base_module is None:
-        raise TypeError("textual inversion trains tokens of a StableUnCLIPImg2ImgPipeline or a "
-                        f"StableDiffusionDepth2ImgPipeline; got {type(pipe).__name__}")
+    base_module = base_objective(pipe, "textual inversion trains the tokens")
     placeholder, initializer = options.get("placeholder_token"), options.get("initializer_token")
     if not placeholder or not initializer:
         raise ValueError("textual inversion needs options placeholder_token and initializer_token")
