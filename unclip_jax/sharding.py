@@ -126,6 +126,27 @@ class Layout:
                 out[name] = place(x, self.replicated())
         return out
 
+    def process_rows(self, n: int) -> list[int]:
+        """The rows of an `n`-row batch (split as `batch()`) that this process's devices hold, in order;
+        every row on one process."""
+        rows = set()
+        for index in self.batch().addressable_devices_indices_map((n,)).values():
+            rows.update(range(*index[0].indices(n)))
+        return sorted(rows)
+
+    def put_rows(self, x, rows: list[int], n: int) -> jax.Array:
+        """The `n`-row global batch split as `batch()`, from this process's rows `rows` of it (`x` holds
+        them in that order, as `process_rows` lists them): each process supplies only its own rows."""
+        x = np.asarray(x)
+        if len(rows) != len(x):
+            raise ValueError(f"{len(x)} local rows for the {len(rows)} rows this process holds")
+        if len(rows) == n:
+            return place(x, self.batch())
+        at = {r: k for k, r in enumerate(rows)}
+        return jax.make_array_from_callback(
+            (n, *x.shape[1:]), self.batch(),
+            lambda index: x[[at[r] for r in range(*index[0].indices(n))]][(slice(None), *index[1:])])
+
     def put_replicated(self, tree):
         return jax.tree.map(lambda x: place(x, self.replicated()), tree)
 
@@ -190,6 +211,28 @@ def to_host(x) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def local_copy(x):
+    """`x` whole on this process: `x` itself if this process holds all of it, a local replica if it is
+    replicated, otherwise gathered from the other processes to the host (a collective: every process
+    must call it, in the same order)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return x
+    if x.is_fully_replicated:
+        return x.addressable_data(0)
+    return to_host(x)
+
+
+def process_any(flags) -> np.ndarray:
+    """bool [N]: the elementwise OR of every process's `flags` (a collective; `flags` as given with one
+    process)."""
+    flags = np.asarray(flags, bool)
+    if jax.process_count() == 1:
+        return flags
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.asarray(multihost_utils.process_allgather(flags.astype(np.int32))).reshape(-1, flags.size).any(0)
 
 
 def shard_params(params, mesh: Mesh):

@@ -76,8 +76,14 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="rematerialise UNet and prior blocks in the backward pass (less memory)")
     o.add_argument("--fsdp", type=int, default=1, metavar="N", help="shard params over groups of N devices (1)")
     o.add_argument("--distributed", action="store_true",
-                   help="several hosts: call jax.distributed.initialize() first (start every process with the "
-                        "same arguments; on SLURM or a Cloud TPU pod the processes find each other)")
+                   help="several processes (hosts): call jax.distributed.initialize() first; start one process "
+                        "per host with the same arguments (on SLURM, Open MPI, Kubernetes or a Cloud TPU pod they "
+                        "find each other; elsewhere add the three options below)")
+    o.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="with --distributed: process 0's address, the same for every process (default: "
+                        "$JAX_COORDINATOR_ADDRESS or the cluster manager's)")
+    o.add_argument("--num-processes", type=int, default=None, metavar="N", help="with --distributed: how many")
+    o.add_argument("--process-id", type=int, default=None, metavar="I", help="with --distributed: this one's, 0..N-1")
 
     j = p.add_argument_group("objective")
     j.add_argument("--snr-gamma", type=float, default=None, help="min-SNR-gamma loss weighting (off)")
@@ -142,14 +148,35 @@ def config_from_args(args):
                      objective_options=_options(args), progress=args.progress)
 
 
+def initialize_distributed(args) -> None:
+    """`jax.distributed.initialize` with the command's options, if `--distributed` (before any JAX
+    computation); a clear error when the options are incomplete and no cluster manager supplies the rest."""
+    given = {"--coordinator-address": args.coordinator_address, "--num-processes": args.num_processes,
+             "--process-id": args.process_id}
+    if not args.distributed:
+        named = [k for k, v in given.items() if v is not None]
+        if named:
+            raise ValueError(f"{', '.join(named)}: only with --distributed")
+        return
+    if args.num_processes is not None and args.num_processes < 1:
+        raise ValueError(f"--num-processes {args.num_processes}: must be at least 1")
+    if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
+        raise ValueError(f"--process-id {args.process_id}: must be in 0..{args.num_processes - 1}")
+    import jax  # noqa: PLC0415
+
+    try:
+        jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    except ValueError as e:
+        missing = ", ".join(k for k, v in given.items() if v is None)
+        raise ValueError(f"--distributed: {e} (no cluster manager found; pass {missing})") from None
+
+
 def run(args) -> int:
     """Runs the parsed `train` command; prints OUT/final on stdout."""
     from unclip_jax.training.loop import train  # noqa: PLC0415
 
     config = config_from_args(args)  # bad option values fail here, before any process waits for its peers
-    if args.distributed:
-        import jax  # noqa: PLC0415
-
-        jax.distributed.initialize()
+    initialize_distributed(args)
     print(train(config))
     return 0

@@ -31,8 +31,13 @@ uninterrupted run saw. grain was measured as an alternative (its import alone ta
 machine) and not used: this needs a fixed order, per-record augmentation seeds and a count of skipped
 records in the saved position, which a plain iterator gives in a few lines.
 
-Several hosts: every process iterates the same global batches (same seed); `sharding.place` then keeps
-each process's own rows.
+Several hosts: every process walks the same global order (same seed) but reads only the records of its
+own rows of each global batch (`next_batch(rows, exchange)`): which records turned out unreadable is
+exchanged between the processes once per batch (a few bytes; more rounds only when bad records need
+replacing), so the batch holds exactly the records a single process would have put in it and every
+process ends at the same position with the same `skipped` count. The rows become one global array in
+`sharding.Layout.put_rows`. `collate` must treat examples row by row (every objective's does: fixed-length
+tokens, per-image processing), so collating a process's rows gives that process's rows of the batch.
 """
 
 from __future__ import annotations
@@ -316,26 +321,74 @@ class DataIterator:
         return self._order
 
     # -- reading
-    def next_example(self) -> dict[str, Any]:
-        bad_in_a_row = 0
-        while True:
-            if self.index >= len(self.source):
-                self.epoch, self.index = self.epoch + 1, 0
-            i = self.index
-            record = self.source.records[self.order(self.epoch)[i]]
-            self.index += 1
-            rng = np.random.default_rng([self.seed, self.epoch, i])
-            try:
-                return transform(record, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip,
-                                 interpolation=self.interpolation, rng=rng)
-            except BadRecord:
-                self.skipped += 1
-                bad_in_a_row += 1
-                if bad_in_a_row >= len(self.source):
-                    raise DataError(f"{self.source.description}: no record can be read") from None
+    def _advance(self) -> tuple[int, int]:
+        """The next position (epoch, index in the epoch's order), moving past it."""
+        if self.index >= len(self.source):
+            self.epoch, self.index = self.epoch + 1, 0
+        self.index += 1
+        return self.epoch, self.index - 1
 
-    def next_batch(self) -> list[dict[str, Any]]:
-        return [self.next_example() for _ in range(self.batch_size)]
+    def _read(self, position: tuple[int, int]) -> dict[str, Any]:
+        """The example at `position` (its crop and flip seeded by the position). Raises BadRecord."""
+        epoch, i = position
+        record = self.source.records[self.order(epoch)[i]]
+        return transform(record, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip,
+                         interpolation=self.interpolation, rng=np.random.default_rng([self.seed, epoch, i]))
+
+    def next_example(self) -> dict[str, Any]:
+        return self._next_rows(1, [0], None)[0]
+
+    def next_batch(self, rows: Sequence[int] | None = None,
+                   exchange: Callable[[np.ndarray], np.ndarray] | None = None) -> list[dict[str, Any]]:
+        """The next batch of `batch_size` examples, or, given `rows` (indices into it), only those, in
+        that order (the rows of this process; `exchange` then joins the other processes, see below)."""
+        return self._next_rows(self.batch_size, range(self.batch_size) if rows is None else rows, exchange)
+
+    def _next_rows(self, size: int, rows: Sequence[int],
+                        exchange: Callable[[np.ndarray], np.ndarray] | None) -> list[dict[str, Any]]:
+        """Rows `rows` of the next `size` readable examples of the order, unreadable records skipped and
+        counted. Positions are tried in rounds: row r's candidate is read by its owner; then `exchange`
+        (bool [size] -> the elementwise OR over all processes; None for a process that owns every row)
+        tells everyone which candidates were bad, and the rows after a bad one move to the next positions.
+        Every process therefore agrees on the batch and on the position and count after it, and only
+        a row that a bad record moved onto another process is read twice."""
+        wanted = set(rows)
+        if exchange is None and wanted != set(range(size)):
+            raise ValueError("next_batch: reading only some rows needs `exchange` (the other processes' reads)")
+        good: list[tuple[int, int]] = []  # positions of the batch's examples, in order
+        read: dict[tuple[int, int], dict[str, Any]] = {}
+        bad_in_a_row = 0
+        while len(good) < size:
+            window = [self._advance() for _ in range(size - len(good))]
+            bad = np.zeros(size, bool)
+            for k, position in enumerate(window):
+                if len(good) + k in wanted:
+                    try:
+                        read[position] = self._read(position)
+                    except BadRecord:
+                        bad[k] = True
+            if exchange is not None:
+                bad = np.asarray(exchange(bad), bool)
+            for k, position in enumerate(window):
+                if bad[k]:
+                    self.skipped += 1
+                    bad_in_a_row += 1
+                    if bad_in_a_row >= len(self.source):
+                        raise DataError(f"{self.source.description}: no record can be read") from None
+                else:
+                    good.append(position)
+                    bad_in_a_row = 0
+        out = []
+        for r in rows:
+            position = good[r]
+            if position not in read:  # a row moved here from another process by a bad record before it
+                try:
+                    read[position] = self._read(position)
+                except BadRecord as e:
+                    raise DataError(f"{self.source.description}: a record read by one process cannot be read "
+                                    f"by another ({e}); the processes must see the same files") from None
+            out.append(read[position])
+        return out
 
     def __iter__(self) -> Iterator:
         return self

@@ -227,7 +227,7 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
     options) -> (objective, pipe, params)` replace the pipeline loader and `build_objective` (tests)."""
     import jax  # noqa: PLC0415
 
-    from unclip_jax.sharding import Layout, make_mesh, place  # noqa: PLC0415
+    from unclip_jax.sharding import Layout, make_mesh, place, process_any  # noqa: PLC0415
     from unclip_jax.training import step as steps  # noqa: PLC0415
 
     sc = config.step
@@ -246,6 +246,10 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
     layout = Layout(make_mesh(config.fsdp))
     steps.check_batch(layout, sc, config.batch_size)
     ckpt_dir = os.path.join(config.out, "checkpoints")
+    final = os.path.join(config.out, "final")
+    from unclip_jax.weights.folder import check_destination  # noqa: PLC0415
+
+    check_destination(os.path.abspath(final), overwrite=True)  # what would refuse OUT/final, now, not at the end
     if not config.resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise ResumeError(f"--out {config.out} holds checkpoints of a run: pass --resume to continue it, or "
                           f"choose another --out")
@@ -307,17 +311,24 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
     if validation is not None and start == 0:
         validation.run(0, state, master_frozen)
 
-    pending = objective.collate(iterator.next_batch()) if start < sc.steps else None
-    step_fn = None if pending is None else steps.compile_step(objective, sc, layout, state, frozen, pending)
-    bar = _progress_bar(config, start, sc.steps)
-    meta = {"objective": objective.name, "model": config.model, "signature": sig, "seed": config.seed}
+    # Each process reads and collates only its rows of every global batch (all of them with one process).
     examples = config.batch_size * sc.gradient_accumulation_steps
+    rows = layout.process_rows(examples)
+    exchange = process_any if jax.process_count() > 1 else None
+
+    def next_local_batch():
+        return objective.collate(iterator.next_batch(rows, exchange))
+
+    pending = next_local_batch() if start < sc.steps else None
+    step_fn = None if pending is None else steps.compile_step(objective, sc, layout, state, frozen, pending)
+    bar = _progress_bar(config, start, sc.steps) if primary else None
+    meta = {"objective": objective.name, "model": config.model, "signature": sig, "seed": config.seed}
     try:
         t0 = time.perf_counter()
         for n in range(start + 1, sc.steps + 1):
-            batch = pending if pending is not None else objective.collate(iterator.next_batch())
+            batch = pending if pending is not None else next_local_batch()
             pending = None
-            batch = {k: place(np.asarray(v), layout.batch()) for k, v in batch.items()}
+            batch = {k: layout.put_rows(v, rows, examples) for k, v in batch.items()}
             state, out = step_fn(state, frozen, batch)
             out = {k: float(v) for k, v in jax.device_get(out).items()}
             t1 = time.perf_counter()
@@ -342,16 +353,32 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
         metrics.close()
         checkpoints.close()
 
-    final = os.path.join(config.out, "final")
+    params = _final_params(objective, state, master_frozen)  # every process: it may gather
+    error = None
     if primary:
-        _save_final(objective, pipe, _final_params(objective, state, master_frozen), final)
+        try:
+            _save_final(objective, pipe, params, final)
+        except Exception as e:  # noqa: BLE001 - raised below, after the other processes hear of it
+            error = e
+    # Every process returns once OUT/final is written, or raises if it could not be (rather than one
+    # process failing while the others wait for it).
+    if process_any([error is not None])[0] and error is None:
+        raise OSError(f"process 0 could not write {final} (see its log)")
+    if error is not None:
+        raise error
     return final
 
 
 def _final_params(objective, state, frozen):
-    """The EMA (or the trained params, without one) merged into the untouched frozen params."""
+    """The EMA (or the trained params, without one), whole on this process (gathered from the others
+    where they are sharded across processes: every process calls this), merged into the untouched
+    frozen params."""
+    import jax  # noqa: PLC0415
+
+    from unclip_jax.sharding import local_copy  # noqa: PLC0415
+
     trained = state.ema if state.ema is not None else state.trainable
-    return objective.merge(trained, frozen)
+    return objective.merge(jax.tree.map(local_copy, trained), frozen)
 
 
 def _save_final(objective, pipe, params, final: str) -> None:
@@ -384,16 +411,18 @@ class _Validation:
         self.image = None if image is None else Image.fromarray(image)
 
     def run(self, step: int, state, frozen) -> None:
+        """Called by every process (the params may need gathering); process 0 alone samples, on its own
+        devices, and writes the grid."""
         import jax  # noqa: PLC0415
 
-        trained = state.ema if state.ema is not None else state.trainable
-        params = self.objective.merge(trained, frozen)
+        params = _final_params(self.objective, state, frozen)
+        if not self.metrics.primary:
+            return
         images = _validation_images(self.pipe, params, self.config.validation_prompts,
                                     key=jax.random.key(self.config.seed), resolution=self.resolution,
                                     steps=self.config.validation_steps, image=self.image)
-        if self.metrics.primary:
-            path = os.path.join(self.config.out, "validation", f"step-{step:06d}.png")
-            self.metrics.image(write_grid(images, path), step)
+        path = os.path.join(self.config.out, "validation", f"step-{step:06d}.png")
+        self.metrics.image(write_grid(images, path), step)
 
 
 def _progress_bar(config: RunConfig, start: int, total: int):

@@ -23,7 +23,8 @@ so a resumed run draws what the uninterrupted one drew.
 Sharding: the batch's rows are split over the mesh's batch axes; params, optimizer state and EMA are
 replicated, or FSDP-sharded over an `fsdp` axis by the same rule as sampling (`Layout.param`). Several
 hosts: call `jax.distributed.initialize()` first in every process (see `unclip_jax.sharding`), build the
-mesh over all devices and feed every process the same global batch.
+mesh over all devices and give each process's rows of the global batch (`Layout.process_rows`,
+`Layout.put_rows`); the program is the same one a single process runs.
 """
 
 from __future__ import annotations
@@ -237,5 +238,7 @@ def compile_step(objective: Objective, config: StepConfig, layout: Layout, state
 def check_batch(layout: Layout, config: StepConfig, batch_size: int) -> None:
     """A batch the mesh (and the accumulation) can split, before anything is loaded."""
     if batch_size % layout.batch_devices:
+        processes = jax.process_count()
+        where = f" ({processes} processes with {len(jax.local_devices())} each)" if processes > 1 else ""
         raise ValueError(f"--batch-size {batch_size} is not divisible by the {layout.batch_devices} devices the "
-                         f"batch is split over")
+                         f"batch is split over{where}")
