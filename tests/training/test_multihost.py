@@ -232,6 +232,16 @@ def test_a_batch_the_processes_do_not_divide_is_refused_before_the_first_step(da
     assert not out.exists()
 
 
+def test_distributed_options_need_distributed(capsys, data, tmp_path):
+    from unclip_jax import cli
+
+    code = cli.main(["train", "decoder", "--model", "m", "--data", str(data), "--out", str(tmp_path / "o"),
+                     "--steps", "1", "--batch-size", "1", "--num-processes", "2", "--process-id", "1"])
+    assert code == 2
+    assert "--num-processes, --process-id: only with --distributed" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_processes_reading_their_rows_see_the_single_process_batches(tmp_path):
     """DataIterator.next_batch(rows, exchange) in two threads standing in for processes (the exchange an OR
     behind a barrier) gives, row for row, the batches, position and skip count of one iterator, with

@@ -14,6 +14,8 @@ EXAMPLES = """examples:
   unclip-jax train decoder --model tiny-img2img --data my-images --out run --steps 200 --batch-size 4 \\
       --learning-rate 1e-4 --seed 0 --save-every 50 --validation-prompt "a red fox" --validation-every 50
   unclip-jax train decoder ... --resume          (continue from run/checkpoints after an interruption)
+  unclip-jax train decoder ... --distributed --coordinator-address host0:4321 --num-processes 2 --process-id 0
+                                                 (on host0; the same with --process-id 1 on host1)
 
 data: an image folder with metadata.jsonl ({"file_name": "a.png", "text": "a caption"} per line; for depth
 also "depth_file_name": a .npy or grayscale image) or a Hugging Face `datasets` save_to_disk folder.

@@ -16,8 +16,16 @@ OUT holds:
   final/              written by the objective's `save` from the EMA params (or the trained ones without an
                       EMA): a folder that `objective.pipeline_class.from_pretrained` loads
 
-Every check that can fail on the user's input (the data, the output folder, the resolution, the batch
-and mesh, a checkpoint to resume) runs before the first step and before anything is written to OUT.
+Every check that can fail on the user's input (the data, the output folder and its final/, the
+resolution, the batch and mesh, a checkpoint to resume) runs before the first step and before anything is
+written to OUT.
+
+Several processes (after `jax.distributed.initialize()`, the same config everywhere, OUT and the data on a
+file system they share): the mesh spans every process's devices; each process reads and collates only its
+rows of each global batch (`DataIterator.next_batch(rows, exchange)`, `Layout.put_rows`), so the step sees
+the batch a single process would build; orbax saves and restores checkpoints with all of them; process 0
+alone writes metrics.jsonl, TensorBoard, train_config.json, the validation grids (it samples them on its
+own devices) and final/, from params gathered where they are sharded across processes.
 """
 
 from __future__ import annotations
@@ -229,6 +237,7 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
 
     from unclip_jax.sharding import Layout, make_mesh, place, process_any  # noqa: PLC0415
     from unclip_jax.training import step as steps  # noqa: PLC0415
+    from unclip_jax.weights.folder import check_destination  # noqa: PLC0415
 
     sc = config.step
     # ---- checks that need nothing loaded
@@ -247,9 +256,7 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
     steps.check_batch(layout, sc, config.batch_size)
     ckpt_dir = os.path.join(config.out, "checkpoints")
     final = os.path.join(config.out, "final")
-    from unclip_jax.weights.folder import check_destination  # noqa: PLC0415
-
-    check_destination(os.path.abspath(final), overwrite=True)  # what would refuse OUT/final, now, not at the end
+    check_destination(final, overwrite=True)  # what would refuse to replace OUT/final: now, not at the end
     if not config.resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise ResumeError(f"--out {config.out} holds checkpoints of a run: pass --resume to continue it, or "
                           f"choose another --out")
