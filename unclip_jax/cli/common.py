@@ -72,10 +72,17 @@ def check_out(out: str) -> None:
 
 def check_model_folder(args) -> None:
     """A local --model (and --prior) folder, before loading (a hub repo id: once resolved, see `load`);
-    without --model, the shipped default model's files (sizes only) and configs."""
-    if args.model is None:
-        from unclip_jax.toy import default  # noqa: PLC0415  (standard library only)
+    without --model, the shipped default model's files (sizes only) and configs. Guidance left unset
+    becomes the command's default, or the default model's (`toy.default.SAMPLING`)."""
+    from unclip_jax.toy import default  # noqa: PLC0415  (standard library only)
 
+    settings = getattr(args, "model_guidance", {})
+    if args.model is None:
+        settings = {k: v for k, v in default.SAMPLING[DEFAULT_MODELS[args.command]].items() if k in settings}
+    for key, value in settings.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.model is None:
         for name in _MODEL_ONLY:
             if getattr(args, name, None) is not None:
                 raise UsageError(f"--{name} applies to a --model; the default model takes none (give --model too)")

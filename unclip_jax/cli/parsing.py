@@ -86,8 +86,12 @@ def generation_parser(sub, name: str, help_: str, description: str, examples: st
     s = p.add_argument_group("sampling")
     s.add_argument("--negative-prompt", default=None, metavar="TEXT", help="what to steer away from (default: none)")
     s.add_argument("--steps", type=int, default=steps, metavar="N", help=f"denoising steps (default {steps})")
-    s.add_argument("--guidance", type=float, default=guidance, metavar="SCALE",
-                   help=f"classifier-free guidance scale; <= 1 turns guidance off (default {guidance:g})")
+    from unclip_jax.toy.default import SAMPLING  # noqa: PLC0415  (standard library only)
+
+    p.set_defaults(model_guidance={"guidance": guidance})
+    s.add_argument("--guidance", type=float, default=None, metavar="SCALE",
+                   help=f"classifier-free guidance scale; <= 1 turns guidance off (default {guidance:g}; "
+                        f"the default model: {SAMPLING[default_model]['guidance']:g})")
     s.add_argument("--scheduler", default=None, metavar="NAME",
                    help="decoder scheduler, built from the checkpoint's scheduler config as diffusers' "
                         "from_config does (names below; default: the checkpoint's)")

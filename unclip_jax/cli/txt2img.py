@@ -28,7 +28,9 @@ def add_parser(sub) -> None:
                         "for stable-diffusion-2-1-unclip-small) or a StableUnCLIPPipeline; then --model may "
                         "be an image-variation checkpoint, whose decoder is used (needs --model)")
     g.add_argument("--prior-steps", type=int, default=25, metavar="N", help="prior denoising steps (default 25)")
-    g.add_argument("--prior-guidance", type=float, default=4.0, metavar="SCALE", help="prior guidance scale (default 4)")
+    g.add_argument("--prior-guidance", type=float, default=None, metavar="SCALE",
+                   help="prior guidance scale (default 4; the default model: 2)")
+    g.set_defaults(model_guidance={"guidance": 10.0, "prior_guidance": 4.0})
     add_noise_level(g)
     add_size(g, "image size in pixels, a multiple of 8 (default: the model's: 64 for the default model, 768 for "
                 "the real checkpoints)")

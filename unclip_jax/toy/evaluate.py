@@ -23,8 +23,8 @@ its first rows, so every call has one shape and compiles once); batch b draws fr
                                            fraction whose shapes and wall/ground take the prompt's colours
 
 Sampling settings are module constants (fast ones: a DDIM decoder of 20 steps as the `txt2img` and
-`variation` commands use, a prior of 25 steps, the pipelines' default guidance; depth2img 25 PNDM steps at
-strength 0.8, 20 of them run). `test_combos` is the tests' stratified subset: every held-out combination
+`variation` commands use, a prior of 25 steps, the guidance the commands use with the default model
+(toy.default.SAMPLING); depth2img 25 PNDM steps at strength 0.8, 20 of them run). `test_combos` is the tests' stratified subset: every held-out combination
 and a fixed seeded sample of the others.
 
 Command line: `python -m unclip_jax.toy.evaluate [--folder DIR] [--full] [--grid PNG]` prints every number
@@ -45,17 +45,19 @@ import jax
 import numpy as np
 
 from unclip_jax.toy import domain, measure
+from unclip_jax.toy.default import SAMPLING
 
 # Sampling settings of the evaluation (and of the tests on the shipped model).
 SEED = 0
 DECODER_STEPS = 20  # DDIM, as the txt2img / variation commands default to
 PRIOR_STEPS = 25  # DDPM over a 25-step subsequence, the pipeline's default
-GUIDANCE = 10.0  # decoder classifier-free guidance (the unCLIP pipelines' default)
-PRIOR_GUIDANCE = 4.0  # the prior's (the pipeline's default)
+# Guidance: the default model's settings, which the commands use with it (toy.default.SAMPLING).
+GUIDANCE = SAMPLING["unclip"]["guidance"]
+PRIOR_GUIDANCE = SAMPLING["unclip"]["prior_guidance"]
 NOISE_LEVEL = 0
 DEPTH_STEPS = 25  # PNDM; int(25 * 0.8) = 20 steps are run
 DEPTH_STRENGTH = 0.8  # the pipeline's and the depth2img command's default
-DEPTH_GUIDANCE = 7.5  # the depth pipeline's default
+DEPTH_GUIDANCE = SAMPLING["depth2img"]["guidance"]
 BATCH_SIZE = 64
 
 # A variation "moves or resizes" its shape when the shape's bounding box centre moves by more than this
