@@ -4,7 +4,7 @@
 
 Every training stage runs `unclip-jax train OBJECTIVE` (issue 17's machinery; the `vae` and `dpt`
 objectives were added for this model). The shipped weights came from one run of this script with the
-step counts below on this project's 2-core CPU machine: TIMINGS_SENTENCE (WORK/timings.json has each
+step counts below on this project's 2-core CPU machine: 7,040 s (117 min) in all, within issue 18's 2 hours (WORK/timings.json has each
 stage's seconds). `--scale 0.002` is a smoke run of every stage in ~6 minutes.
 
 Stages (each resumable: a stage whose output exists is skipped; `--only` runs the named ones):

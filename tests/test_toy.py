@@ -226,7 +226,7 @@ def test_initial_folders_load(initial):
         dpt_objective.collate([{"image": scenes[0][0], "text": "x"}])
 
 
-def test_gaussian_kl_and_scale_shift_invariant_mse():
+def test_gaussian_kl_and_scale_shift_invariant_loss():
     from unclip_jax.training.objectives import dpt, vae
 
     rng = np.random.default_rng(0)
@@ -236,18 +236,17 @@ def test_gaussian_kl_and_scale_shift_invariant_mse():
     assert float(vae.gaussian_kl(np.zeros((1, 3)), np.zeros((1, 3)))[0]) == 0.0
 
     pred, target = rng.normal(size=(2, 8, 8)), rng.normal(size=(2, 8, 8))
-    # The residual of each example's least-squares fit target ~ s * pred + t, by numpy's lstsq.
-    residual = []
-    for p, d in zip(pred, target):
-        a = np.stack([p.ravel(), np.ones(p.size)], axis=1)
-        coef = np.linalg.lstsq(a, d.ravel(), rcond=None)[0]
-        residual.append(np.mean((a @ coef - d.ravel()) ** 2))
-    np.testing.assert_allclose(dpt.scale_shift_invariant_mse(pred, target), np.mean(residual), rtol=1e-5)
-    # Any scale (negative too) and shift of the target is free; a constant prediction only shifts.
-    assert float(dpt.scale_shift_invariant_mse(pred, -3 * pred + 2)) < 1e-9
-    flat = np.full_like(pred, 0.5)
-    np.testing.assert_allclose(dpt.scale_shift_invariant_mse(flat, target),
-                               np.mean((target - target.mean(axis=(1, 2), keepdims=True)) ** 2), rtol=1e-5)
+
+    def normalized(x):  # per example: minus the mean, over the mean absolute deviation
+        x = x.reshape(len(x), -1)
+        x = x - x.mean(1, keepdims=True)
+        return x / np.abs(x).mean(1, keepdims=True)
+
+    np.testing.assert_allclose(dpt.scale_shift_invariant_loss(pred, target),
+                               np.abs(normalized(pred) - normalized(target)).mean(), rtol=1e-5)
+    # A positive scale and any shift of the target are free; a negative scale (depth upside down) is not.
+    assert float(dpt.scale_shift_invariant_loss(pred, 3 * pred + 2)) < 1e-5
+    assert float(dpt.scale_shift_invariant_loss(pred, -3 * pred + 2)) > 1.5
 
 
 def test_vae_loss_trains():
