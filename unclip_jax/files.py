@@ -13,6 +13,7 @@ This module imports nothing of the package at import time: every layer may use i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -82,6 +83,15 @@ def remove_temporaries(folder: str) -> None:
     for name in os.listdir(folder):
         if is_temporary(name) and os.path.isfile(os.path.join(folder, name)):
             os.remove(os.path.join(folder, name))
+
+
+def file_sha256(path: str) -> str:
+    """The hex sha256 of a file's bytes, read in blocks of 1 MiB."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def png_bytes(image, parameters: dict | None = None) -> bytes:

@@ -12,12 +12,12 @@ Nothing here imports JAX until the command runs, so `--help` stays fast.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
 
 from unclip_jax.cli.parsing import DEFAULT_MODEL_HELP, DTYPES, add_size
+from unclip_jax.files import file_sha256
 
 DESCRIPTION = """\
 Makes one image per item of PROMPTS and writes them to --out with an index (OUT/index.jsonl: index,
@@ -113,14 +113,6 @@ def defaults_of(args) -> dict:
     }
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check(args) -> None:
     """Checks that load no model (a UsageError or ValueError naming the flag)."""
     from unclip_jax.cli import common  # noqa: PLC0415
@@ -172,7 +164,7 @@ def run(args, progress: bool) -> None:
     fingerprint = {"input": args.prompts if args.dataset_column else None, "seed": args.seed,
                    "defaults": defaults_of(args), "dtype": args.dtype, "prior": args.prior,
                    "clip_model": args.clip_model,
-                   "input_sha256": None if args.dataset_column else _file_digest(args.prompts),
+                   "input_sha256": None if args.dataset_column else file_sha256(args.prompts),
                    "dataset": [args.dataset_column, args.image_column, args.split] if args.dataset_column else None}
     summary = generate(BatchRunner(pipe, params, args.pipeline), items, out=args.out, batch_size=args.batch_size,
                        fmt=args.format, shard_size=args.shard_size, scorer=scorer, strict=args.strict,

@@ -25,7 +25,7 @@ folder named by the digest of what it held. The folder is written beside itself 
 (`weights.folder.atomic_folder`), so concurrent first uses and kills leave either nothing or a whole
 folder; later calls check that the folder exists and return it.
 
-This module imports nothing but the standard library at import time (the CLI's checks use it).
+This module imports nothing but the standard library (and unclip_jax.files) at import time (the CLI's checks use it).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import hashlib
 import json
 import os
 import shutil
+
+from unclip_jax.files import file_sha256  # standard library only
 
 NAMES = ("unclip", "depth2img")
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -171,14 +173,6 @@ def _copy_hashing(src: str, dst: str) -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------
 # Export: complete pipeline folders -> the shipped layout
 
@@ -228,7 +222,7 @@ def ship(source: str, out: str, probe: list[str] | None = None) -> dict[str, int
                 for fname in names:
                     path = os.path.join(root, fname)
                     rel = os.path.relpath(path, os.path.join(tmp, name)).replace(os.sep, "/")
-                    files[rel] = [os.path.getsize(path), _file_sha256(path)]
+                    files[rel] = [os.path.getsize(path), file_sha256(path)]
             files = dict(sorted(files.items()))
             digest = hashlib.sha256(json.dumps([files, tokenizers], sort_keys=True).encode()).hexdigest()
             folders[name] = {"digest": digest, "tokenizers": tokenizers, "files": files}
