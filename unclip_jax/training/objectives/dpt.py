@@ -17,7 +17,8 @@ import numpy as np
 
 from unclip_jax.models.resize import resize_bilinear
 from unclip_jax.training.objective import Objective
-from unclip_jax.training.objectives.component import save_pipeline, split_component, stack_images
+from unclip_jax.training.objectives.decoder import images_of, save_pipeline
+from unclip_jax.training.objectives.params import make_split, merge
 
 
 def normalized(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -53,7 +54,7 @@ def build(pipe, params, options: dict):
         raise TypeError(f"the dpt objective needs a pipeline with a depth estimator; got {type(pipe).__name__}")
 
     def collate(examples):
-        images = stack_images(examples)
+        images = images_of(examples, 1)
         missing = [i for i, e in enumerate(examples) if e.get("depth") is None]
         if missing:
             raise ValueError(f"dpt: examples {missing[:5]} of the batch have no depth map")
@@ -66,6 +67,6 @@ def build(pipe, params, options: dict):
         del frozen, key
         return dpt_loss(pipe.depth_estimator, trainable["depth_estimator"], batch["pixel_values"], batch["depth"])
 
-    split, merge = split_component("depth_estimator")
+    split, _ = make_split(["depth_estimator"])
     return Objective(name="dpt", collate=collate, split=split, merge=merge, loss=loss, save=save_pipeline,
                      pipeline_class=type(pipe)), pipe, params

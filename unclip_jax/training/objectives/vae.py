@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from unclip_jax.training.objective import Objective
-from unclip_jax.training.objectives.component import save_pipeline, split_component, stack_images
+from unclip_jax.training.objectives.decoder import images_of, save_pipeline, vae_pixels
+from unclip_jax.training.objectives.params import make_split, merge
 
 KL_WEIGHT = 1e-6
 
@@ -41,11 +42,11 @@ def build(pipe, params, options: dict):
     factor = pipe.vae.config.downsample_factor
 
     def collate(examples):
-        images = stack_images(examples)
+        images = images_of(examples, 1)
         if images.shape[1] % factor or images.shape[2] % factor:
             raise ValueError(f"images of {images.shape[1]} x {images.shape[2]} are not multiples of the VAE "
                              f"factor {factor}")
-        return {"pixel_values": images.astype(np.float32) / 127.5 - 1.0}
+        return {"pixel_values": vae_pixels(images)}
 
     def loss(trainable, frozen, batch, key):
         pixels = batch["pixel_values"]
@@ -53,6 +54,6 @@ def build(pipe, params, options: dict):
         noise = jax.random.normal(key, (b, h // factor, w // factor, pipe.vae.config.latent_channels), jnp.float32)
         return vae_loss(pipe.vae, trainable["vae"], pixels, noise, kl_weight)
 
-    split, merge = split_component("vae")
+    split, _ = make_split(["vae"])
     return Objective(name="vae", collate=collate, split=split, merge=merge, loss=loss, save=save_pipeline,
                      pipeline_class=type(pipe)), pipe, params
