@@ -377,3 +377,23 @@ def test_unreadable_image_is_named_and_skipped(tmp_path):
         image_size(items[0])
     with pytest.raises(gi.InputError, match="missing.png: no such image file"):
         image_size(items[1])
+
+
+def test_defaults_follow_the_default_model_or_the_pipeline():
+    """Without --model, generate samples with the shipped model's guidance (as txt2img & co); with one,
+    with diffusers' pipeline defaults; flags win over both."""
+    from unclip_jax.cli import parser
+    from unclip_jax.generation.command import defaults_of
+    from unclip_jax.toy.default import SAMPLING
+
+    def parsed(*extra):
+        return defaults_of(parser().parse_args(["generate", "p.txt", "--out", "o", *extra]))
+
+    own = parsed()
+    assert (own["guidance_scale"], own["prior_guidance_scale"]) == (SAMPLING["unclip"]["guidance"],
+                                                                    SAMPLING["unclip"]["prior_guidance"])
+    assert parsed("--pipeline", "depth2img")["guidance_scale"] == SAMPLING["depth2img"]["guidance"]
+    other = parsed("--model", "m")
+    assert (other["guidance_scale"], other["prior_guidance_scale"]) == (10.0, 4.0)
+    flags = parsed("--guidance", "3", "--prior-guidance", "1.5")
+    assert (flags["guidance_scale"], flags["prior_guidance_scale"]) == (3.0, 1.5)

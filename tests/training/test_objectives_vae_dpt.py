@@ -43,6 +43,7 @@ def torch_vae_loss(vae, pixel_values, posterior_noise, kl_weight):
 VAE_CASES = [  # pipeline shape (VAE (16, 32) / 8 groups, factor 2; (8, 16, 16) / 4 groups, factor 4), size, options
     ("a", 16, {}),
     ("b", 32, {"kl_weight": 10.0}),  # random weights: the KL per pixel value is ~3e-2 of the L1
+    ("b", 32, {"vae_decoder_only": True}),  # the decoder fine-tune: the same loss, the decoder side's grads
 ]
 
 
@@ -53,6 +54,11 @@ def test_vae_loss_and_grads_match_torch(pipeline_pairs, pipeline_dirs, fast_comp
     batch = objective.collate(random_examples(2, size, seed=3))
     trainable, frozen = objective.split(params)
     assert set(trainable) == {"vae"}
+    decoder_side = {"decoder", "post_quant_conv"}
+    if options.get("vae_decoder_only"):
+        assert set(trainable["vae"]) == decoder_side and set(frozen["vae"]) == {"encoder", "quant_conv"}
+    else:
+        assert decoder_side < set(trainable["vae"]) and "vae" not in frozen
     key = jax.random.key(5)
     (loss, metrics), grads = jax.jit(jax.value_and_grad(objective.loss, has_aux=True))(trainable, frozen, batch, key)
     # The objective's one draw: the posterior's standard normal, channels-last latents.
@@ -60,10 +66,16 @@ def test_vae_loss_and_grads_match_torch(pipeline_pairs, pipeline_dirs, fast_comp
     noise = jax.random.normal(key, (2, size // factor, size // factor, channels))
 
     _track(ref.vae)
+    keep = ("",)
+    if options.get("vae_decoder_only"):  # the torch fine-tune: the encoder side takes no gradient
+        keep = ("decoder.", "post_quant_conv.")
+        for name, p in ref.vae.named_parameters():
+            p.requires_grad_(name.startswith(keep))
     kl_weight = options.get("kl_weight", 1e-6)
     ref_loss, ref_l1, ref_kl = torch_vae_loss(ref.vae, batch["pixel_values"], noise, kl_weight)
     ref_loss.backward()
-    ref_grads = torch_grads(ref.vae, trainable["vae"], rules_of(pipeline_dirs("unclip_img2img", shape) / "vae"))
+    ref_grads = torch_grads(ref.vae, trainable["vae"], rules_of(pipeline_dirs("unclip_img2img", shape) / "vae"),
+                            keep=keep)
     ref.vae.zero_grad(set_to_none=True)
 
     loss_err = relative(loss, to_numpy(ref_loss))
@@ -143,6 +155,11 @@ def test_vae_and_dpt_are_train_choices():
         args = parser().parse_args(["train", name, "--model", "m", "--data", "d", "--out", "o", "--steps", "1",
                                    "--batch-size", "1"])
         assert (args.command, args.objective) == ("train", name)
+    from unclip_jax.training.command import _options
+
+    args = parser().parse_args(["train", "vae", "--model", "m", "--data", "d", "--out", "o", "--steps", "1",
+                               "--batch-size", "1", "--vae-decoder-only"])
+    assert _options(args)["vae_decoder_only"] is True
 
 
 def test_vae_and_dpt_refuse_what_they_cannot_train(pipeline_pairs):

@@ -84,14 +84,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s = p.add_argument_group("defaults for every item (a JSON line may override them)")
     s.add_argument("--steps", type=int, default=None, metavar="N", help="denoising steps (default 20; depth2img 50)")
     s.add_argument("--guidance", type=float, default=None, metavar="SCALE",
-                   help="guidance scale, <= 1 off (default 10; depth2img 7.5)")
+                   help="guidance scale, <= 1 off (default 10; depth2img 7.5; the default model: its own, "
+                        "unclip_jax.toy.default.SAMPLING)")
     s.add_argument("--negative-prompt", default=None, metavar="TEXT")
     s.add_argument("--scheduler", default=None, metavar="NAME", help="decoder scheduler (as `unclip-jax txt2img`)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     s.add_argument("--noise-level", type=int, default=0, metavar="LEVEL", help="txt2img/variation (default 0)")
     s.add_argument("--strength", type=float, default=0.8, metavar="S", help="depth2img (default 0.8)")
     s.add_argument("--prior-steps", type=int, default=25, metavar="N", help="txt2img prior steps (default 25)")
-    s.add_argument("--prior-guidance", type=float, default=4.0, metavar="SCALE", help="txt2img (default 4)")
+    s.add_argument("--prior-guidance", type=float, default=None, metavar="SCALE",
+                   help="txt2img (default 4; the default model: its own)")
     add_size(s, "image size in pixels, a multiple of 8 (default: the model's; depth2img: each input image's, cut "
                 "down to a multiple of 8)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -104,12 +106,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def defaults_of(args) -> dict:
     """The run's per-item defaults, in the pipelines' argument names."""
     steps, guidance = DEFAULTS[args.pipeline]
+    prior_guidance = 4.0
+    if args.model is None:  # the shipped default model samples with its own guidance, as txt2img & co do
+        from unclip_jax.toy.default import SAMPLING  # noqa: PLC0415
+
+        own = SAMPLING["depth2img" if args.pipeline == "depth2img" else "unclip"]
+        guidance, prior_guidance = own["guidance"], own.get("prior_guidance", prior_guidance)
     return {
         "num_inference_steps": args.steps or steps,
         "guidance_scale": guidance if args.guidance is None else args.guidance,
         "negative_prompt": args.negative_prompt, "eta": args.eta, "noise_level": args.noise_level,
         "strength": args.strength, "prior_num_inference_steps": args.prior_steps,
-        "prior_guidance_scale": args.prior_guidance, "height": args.height, "width": args.width,
+        "prior_guidance_scale": prior_guidance if args.prior_guidance is None else args.prior_guidance, "height": args.height, "width": args.width,
     }
 
 

@@ -99,6 +99,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     j.add_argument("--lora-rank", type=int, default=None)
     j.add_argument("--lora-alpha", type=float, default=None)
     j.add_argument("--train-text-encoder", action="store_true", help="LoRA on the text encoder too")
+    j.add_argument("--vae-decoder-only", action="store_true",
+                   help="vae: train the decoder and post_quant_conv only; the encoder, and so the latents a UNet "
+                        "was trained on, stay (a decoder fine-tune)")
     j.add_argument("--placeholder-token", default=None)
     j.add_argument("--initializer-token", default=None)
     j.add_argument("--num-vectors", type=int, default=None)
@@ -125,6 +128,8 @@ def _options(args) -> dict:
         out["noise_level"] = tuple(args.noise_level)
     if args.train_text_encoder:
         out["lora_text_encoder"] = True
+    if args.vae_decoder_only:
+        out["vae_decoder_only"] = True
     return out
 
 

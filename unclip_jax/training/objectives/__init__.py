@@ -29,6 +29,7 @@ Objectives and the pipeline each trains:
   lora_rank (4), lora_alpha (= rank), lora_text_encoder (False): the LoRA adapters.
   placeholder_token, initializer_token, num_vectors (1): textual inversion's new token(s).
   kl_weight (1e-6): the vae objective's KL weight.
+  vae_decoder_only (False): the vae objective trains the decoder side only; the encoder (the latents) stays.
 """
 
 from __future__ import annotations

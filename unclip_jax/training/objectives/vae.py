@@ -3,7 +3,11 @@ autoencoder objective without its perceptual and adversarial terms: the L1 recon
 posterior sample, plus `kl_weight` (default 1e-6, as LDM's KL-f4/f8 configs) times the posterior's KL
 divergence from N(0, 1), summed over latents and divided by the pixel values per example, so the weight
 means what it means in LDM, where both terms are sums. Used to train the default model's small VAE
-(issue 18)."""
+(issue 18).
+
+With the option `vae_decoder_only`, only the decoder side (`decoder`, `post_quant_conv`) trains and the
+encoder stays as it is, so the latents a UNet was trained on do not move: a decoder fine-tune, as
+Stability's ft-EMA/ft-MSE VAEs were made (the KL term is then constant: reported, no gradient)."""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from unclip_jax.training.objectives.decoder import images_of, save_pipeline, vae
 from unclip_jax.training.objectives.params import make_split, merge
 
 KL_WEIGHT = 1e-6
+# What `vae_decoder_only` trains: everything after the latent sample.
+DECODER_SIDE = ("vae/decoder", "vae/post_quant_conv")
 
 
 def vae_loss(vae, vae_params, pixels: jax.Array, noise: jax.Array, kl_weight: float = KL_WEIGHT):
@@ -28,6 +34,7 @@ def vae_loss(vae, vae_params, pixels: jax.Array, noise: jax.Array, kl_weight: fl
     per_pixel_kl = jnp.mean(kl) / np.prod(pixels.shape[1:])
     return l1 + kl_weight * per_pixel_kl, {"l1": l1, "kl": jnp.mean(kl)}
 
+
 def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
     """[B]: KL(N(mean, exp(logvar)) || N(0, 1)) summed over every axis but the first."""
     terms = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
@@ -35,7 +42,8 @@ def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
 
 
 def build(pipe, params, options: dict):
-    """The vae objective on a pipeline with a `vae` (options: kl_weight, default 1e-6)."""
+    """The vae objective on a pipeline with a `vae` (options: kl_weight, default 1e-6; vae_decoder_only,
+    default False)."""
     if getattr(pipe, "vae", None) is None:
         raise TypeError(f"the vae objective needs a pipeline with a VAE; got {type(pipe).__name__}")
     kl_weight = float(options.get("kl_weight", KL_WEIGHT))
@@ -52,8 +60,9 @@ def build(pipe, params, options: dict):
         pixels = batch["pixel_values"]
         b, h, w, _ = pixels.shape
         noise = jax.random.normal(key, (b, h // factor, w // factor, pipe.vae.config.latent_channels), jnp.float32)
-        return vae_loss(pipe.vae, trainable["vae"], pixels, noise, kl_weight)
+        return vae_loss(pipe.vae, merge(trainable, frozen)["vae"], pixels, noise, kl_weight)
 
-    split, _ = make_split(["vae"])
+    decoder_side = [p for p in DECODER_SIDE if p != "vae/post_quant_conv" or pipe.vae.config.use_post_quant_conv]
+    split, _ = make_split(decoder_side if options.get("vae_decoder_only") else ["vae"])
     return Objective(name="vae", collate=collate, split=split, merge=merge, loss=loss, save=save_pipeline,
                      pipeline_class=type(pipe)), pipe, params
