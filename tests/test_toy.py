@@ -316,11 +316,16 @@ def _training_script():
     return module
 
 
-def test_training_script_commands(tmp_path, capsys):
+@pytest.mark.parametrize("schedule", ["shipped", "long"])
+def test_training_script_commands(tmp_path, capsys, schedule):
     script = _training_script()
-    assert script.main(["--work", str(tmp_path), "--dry-run"]) == 0
+    assert script.main(["--work", str(tmp_path), "--dry-run", "--schedule", schedule]) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
-    assert [line.split()[5] for line in printed] == list(script.TRAINING)  # "$ python -m unclip_jax.cli train NAME"
+    run = [name for name, spec in script.TRAINING.items() if spec[3]["steps"]]
+    # "$ python -m unclip_jax.cli train OBJECTIVE": the stages with steps in this schedule, in order
+    assert [line.split()[5] for line in printed] == [script.OBJECTIVE_OF.get(name, name) for name in run]
+    assert ("vae-decoder" in run) == (schedule == "long")
+    assert script.TRAINING["decoder"][3]["steps"] == (3000 if schedule == "long" else 1400)
     assert not os.path.exists(tmp_path / "data")  # a dry run writes nothing but timings.json
     # Every stage's arguments parse with the CLI's own parser, for the objectives it offers.
     from unclip_jax import cli
@@ -332,10 +337,12 @@ def test_training_script_commands(tmp_path, capsys):
     if "train" not in commands:
         pytest.skip("no `unclip-jax train` command yet")
     offered = set(next(a for a in commands["train"]._actions if a.dest == "objective").choices)
-    for name in script.TRAINING:
-        if name in offered:
+    for name in run:
+        objective = script.OBJECTIVE_OF.get(name, name)
+        if objective in offered:
             args = parser.parse_args(script.training_arguments(name, str(tmp_path), 0))
-            assert args.objective == name and args.steps == script.TRAINING[name][3]["steps"]
+            assert args.objective == objective and args.steps == script.TRAINING[name][3]["steps"]
+            assert args.vae_decoder_only == (name == "vae-decoder")
 
 
 def test_evaluation_prompts_and_score():
