@@ -183,3 +183,19 @@ def test_depth2img_takes_prompt_colors(results):
     r = results["depth2img"]
     bad = [f"{p['prompt']!r}: {p['got']}" for p in r["per_scene"] if not p["colors"]]
     assert r["colors"] >= DEPTH_COLORS_MIN, f"prompt colours in {r['colors']:.0%}: {bad[:8]}"
+
+
+def test_denoise_probe(folders):
+    """The probe behind the shape diagnosis (toy README): the one-step prediction from lightly noised
+    latents of drawn pictures comes back in their colours (a wrong noising or prediction formula would not)."""
+    import unclip_jax as uj
+
+    pipe, params = uj.StableUnCLIPImg2ImgPipeline.from_pretrained(folders[0])
+    combos = evaluate.test_combos()[::5]
+    r = evaluate.denoise_probe(pipe, params, combos, timesteps=(50, 999), batch_size=len(combos))
+    assert r["timesteps"] == [50, 999] and r["n"] == len(combos) == 10
+    assert r["colors"][0] >= COLORS_MIN, r
+    assert r["colors"][1] < r["colors"][0] - 0.3, r  # from pure noise the picture is gone (0.08 over 50 prompts)
+    assert all(0.0 <= x <= 1.0 for x in (*r["shape"], *r["colors"], r["vae_shape"])), r
+    with pytest.raises(ValueError, match=r"timesteps must be in \[0, 1000\)"):
+        evaluate.denoise_probe(pipe, params, combos, timesteps=(1000,))

@@ -21,6 +21,8 @@ its first rows, so every call has one shape and compiles once); batch b draws fr
                                            depth estimated the same way (the issue's ">= 0.8 with the
                                            input's"; also reported against the drawn depth map), and the
                                            fraction whose shapes and wall/ground take the prompt's colours
+  denoise_probe(pipe_i2i, params, combos)  the decoder's one-step clean-latent prediction from drawn
+                                           pictures' latents noised to several t: where shapes are lost
 
 Sampling settings are module constants (fast ones: a DDIM decoder of 20 steps as the `txt2img` and
 `variation` commands use, a prior of 25 steps, the guidance the commands use with the default model
@@ -30,7 +32,7 @@ and a fixed seeded sample of the others.
 Command line: `python -m unclip_jax.toy.evaluate [--folder DIR] [--full] [--grid PNG]` prints every number
 as JSON (DIR holds `unclip/` and `depth2img/`; default: the shipped default model); `--full` scores all
 270 combinations instead of the tests' subset; `--grid` writes a PNG of txt2img samples (their prompts,
-row-major, are in the JSON).
+row-major, are in the JSON); `--probe` adds `denoise_probe`.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from unclip_jax.schedulers.common import train_alphas_cumprod
 from unclip_jax.toy import domain, measure
 from unclip_jax.toy.default import SAMPLING
 
@@ -59,6 +63,8 @@ DEPTH_STEPS = 25  # PNDM; int(25 * 0.8) = 20 steps are run
 DEPTH_STRENGTH = 0.8  # the pipeline's and the depth2img command's default
 DEPTH_GUIDANCE = SAMPLING["depth2img"]["guidance"]
 BATCH_SIZE = 64
+# `denoise_probe`'s training timesteps: from lightly noised latents to pure noise.
+PROBE_TIMESTEPS = (50, 200, 400, 600, 800, 999)
 
 # A variation "moves or resizes" its shape when the shape's bounding box centre moves by more than this
 # many pixels, or its height or width changes by more than this.
@@ -195,6 +201,58 @@ def embedding_decode(pipe, params, combos, *, seed: int = SEED, steps: int = DEC
                                         output_type="np").images,
                   len(prompts), batch_size, seed)
     return scored(images, combos)
+
+
+def denoise_probe(pipe, params, combos, timesteps=PROBE_TIMESTEPS, *, seed: int = SEED,
+                  batch_size: int = BATCH_SIZE) -> dict[str, Any]:
+    """Where the decoder loses shapes: each combination's drawn picture is VAE-encoded (posterior mean),
+    noised to each training timestep t in `timesteps`, and StableUnCLIPImg2ImgPipeline's UNet (`pipe`)
+    predicts the clean latent in one step (its prediction type read through the scheduler's training
+    schedule), conditioned on the picture's CLIP embedding (noise_level 0) and caption, without guidance.
+    The decoded predictions are measured: {"timesteps", "shape", "colors": fractions right per t,
+    "vae_shape": the shape kept by the VAE alone (the ceiling)}. A decoder that keeps shapes from lightly
+    noised latents but not from heavy noise forms them too late; one that loses them even at small t
+    cannot draw their edges at all."""
+    combos = [tuple(c) for c in combos]
+    pictures = np.stack([drawn_picture(c, i, seed) for i, c in enumerate(combos)])
+    prompts = [domain.canonical_caption(*c) for c in combos]
+    abar = np.asarray(train_alphas_cumprod(pipe.scheduler.config), np.float64)
+    kind = pipe.scheduler.config.prediction_type
+    if any(not 0 <= int(t) < len(abar) for t in timesteps):
+        raise ValueError(f"timesteps must be in [0, {len(abar)}); got {list(timesteps)}")
+    vae, unet, factor = pipe.vae, pipe.unet, pipe.vae.config.scaling_factor
+
+    @jax.jit
+    def predict(x0, noise, embeds, labels, t):
+        a = jnp.asarray(abar, jnp.float32)[t]
+        xt = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
+        out = unet.apply({"params": params["unet"]}, xt, jnp.full((x0.shape[0],), t), embeds, labels)
+        if kind == "v_prediction":
+            return jnp.sqrt(a) * xt - jnp.sqrt(1 - a) * out
+        if kind == "epsilon":
+            return (xt - jnp.sqrt(1 - a) * out) / jnp.sqrt(a)
+        return out
+
+    encode = jax.jit(lambda x: vae.apply({"params": params["vae"]}, x, method=vae.encode).mean * factor)
+    decode = jax.jit(lambda z: jnp.clip((vae.apply({"params": params["vae"]}, z / factor, method=vae.decode) + 1) / 2,
+                                        0, 1))
+    images = {t: [] for t in timesteps}
+    recon = []
+    for b, idx, real in _batches(len(combos), batch_size):
+        key = jax.random.fold_in(jax.random.key(seed), b)
+        inputs, _ = pipe.prepare(pictures[idx], [prompts[i] for i in idx], params=params, key=key,
+                                 guidance_scale=1.0)
+        labels = pipe.noise_image_embeddings(params, inputs.image_embeds, 0,
+                                             noise=jnp.zeros_like(inputs.image_embeds))
+        x0 = encode(jnp.asarray(pictures[idx], jnp.float32) / 127.5 - 1)
+        recon.append(np.asarray(decode(x0))[:real])
+        noise = jax.random.normal(jax.random.fold_in(key, 1), x0.shape, x0.dtype)
+        for t in timesteps:
+            images[t].append(np.asarray(decode(predict(x0, noise, inputs.prompt_embeds, labels, int(t))))[:real])
+    vae_score = measure.score(np.concatenate(recon), combos)
+    scores = [measure.score(np.concatenate(images[t]), combos) for t in timesteps]
+    return dict(timesteps=[int(t) for t in timesteps], shape=[r["shape"] for r in scores],
+                colors=[r["colors"] for r in scores], vae_shape=vae_score["shape"], n=len(combos))
 
 
 def _box_change(before, after) -> tuple[float, float]:
@@ -355,6 +413,9 @@ def main(argv=None) -> int:
                    f"(default: the tests' {TEST_COMBOS})")
     p.add_argument("--grid", default=None, metavar="PNG", help="write a grid of txt2img samples here")
     p.add_argument("--per-item", action="store_true", help="keep the per-picture measures in the JSON")
+    p.add_argument("--probe", action="store_true",
+                   help="also `denoise_probe`: shapes and colours of the decoder's one-step prediction from drawn "
+                        f"pictures' latents noised to t = {', '.join(map(str, PROBE_TIMESTEPS))}")
     args = p.parse_args(argv)
     if args.folder is None:
         from unclip_jax.toy.default import pipeline_folder  # noqa: PLC0415
@@ -368,6 +429,8 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         p.error(str(e))
     out, images = evaluate(pipes, combos)
+    if args.probe:
+        out["denoise_probe"] = denoise_probe(*pipes["img2img"], combos)
     out["settings"] = dict(folders=list(folders), combos=len(combos), seed=SEED, decoder_steps=DECODER_STEPS,
                            prior_steps=PRIOR_STEPS, guidance=GUIDANCE, prior_guidance=PRIOR_GUIDANCE,
                            depth_steps=DEPTH_STEPS, depth_strength=DEPTH_STRENGTH, depth_guidance=DEPTH_GUIDANCE)
