@@ -200,3 +200,18 @@ def test_denoise_probe(folders):
     assert all(0.0 <= x <= 1.0 for x in (*r["shape"], *r["colors"], r["vae_shape"])), r
     with pytest.raises(ValueError, match=r"timesteps must be in \[0, 1000\)"):
         evaluate.denoise_probe(pipe, params, combos, timesteps=(1000,))
+
+
+def test_clip_probe(folders):
+    """The CLIP towers' own zero-shot reading of drawn pictures (toy README: the shipped CLIP tells colours
+    apart but not shapes). The colours must come out right: a probe pairing pictures with the wrong
+    captions, or reading the wrong tower, would not."""
+    import unclip_jax as uj
+
+    pipes = {"txt2img": uj.StableUnCLIPPipeline.from_pretrained(folders[0]),
+             "img2img": uj.StableUnCLIPImg2ImgPipeline.from_pretrained(folders[0])}
+    combos = evaluate.test_combos()[::2]
+    r = evaluate.clip_probe(pipes, combos)
+    assert r["n"] == len(combos) == 25
+    assert r["color"] >= COLORS_MIN and r["background"] >= COLORS_MIN, r
+    assert 0.0 <= r["shape"] <= 1.0 and -1.0 <= r["shape_caption_cosine"] <= 1.0, r

@@ -60,3 +60,12 @@ def test_clip_loss_and_grads_match_transformers(pipeline_pairs, pipeline_dirs, s
     print(f"clip {shape}: loss rel {loss_err:.2e}, grad rel {errs} (per leaf {leaf:.2e})")
     assert loss_err <= TOL, loss_err
     assert max(errs.values()) <= TOL, errs
+
+
+def test_logit_scale_option_from_the_command_line():
+    from unclip_jax.cli import parser
+    from unclip_jax.training.command import _options
+
+    argv = ["train", "clip", "--model", "m", "--data", "d", "--out", "o", "--steps", "1", "--batch-size", "1"]
+    assert "logit_scale" not in _options(parser().parse_args(argv))  # the objective's default, log(1 / 0.07)
+    assert _options(parser().parse_args([*argv, "--logit-scale", "4.6"]))["logit_scale"] == 4.6

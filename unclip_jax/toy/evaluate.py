@@ -23,6 +23,11 @@ its first rows, so every call has one shape and compiles once); batch b draws fr
                                            fraction whose shapes and wall/ground take the prompt's colours
   denoise_probe(pipe_i2i, params, combos)  the decoder's one-step clean-latent prediction from drawn
                                            pictures' latents noised to several t: where shapes are lost
+  clip_probe(pipes, combos)                what the CLIP towers themselves tell apart: zero-shot shape,
+                                           colour and background of drawn pictures (image embedding
+                                           against the prior text tower's embeddings of canonical captions
+                                           differing in that attribute only), and how alike the text tower
+                                           finds captions differing in shape only
 
 Sampling settings are module constants (fast ones: a DDIM decoder of 20 steps as the `txt2img` and
 `variation` commands use, a prior of 25 steps, the guidance the commands use with the default model
@@ -32,7 +37,7 @@ and a fixed seeded sample of the others.
 Command line: `python -m unclip_jax.toy.evaluate [--folder DIR] [--full] [--grid PNG]` prints every number
 as JSON (DIR holds `unclip/` and `depth2img/`; default: the shipped default model); `--full` scores all
 270 combinations instead of the tests' subset; `--grid` writes a PNG of txt2img samples (their prompts,
-row-major, are in the JSON); `--probe` adds `denoise_probe`.
+row-major, are in the JSON); `--probe` adds `denoise_probe` and `clip_probe`.
 """
 
 from __future__ import annotations
@@ -255,6 +260,51 @@ def denoise_probe(pipe, params, combos, timesteps=PROBE_TIMESTEPS, *, seed: int 
                 colors=[r["colors"] for r in scores], vae_shape=vae_score["shape"], n=len(combos))
 
 
+def clip_probe(pipes, combos, *, seed: int = SEED, batch_size: int = BATCH_SIZE) -> dict[str, Any]:
+    """What the CLIP towers encode, without the prior or a decoder: for `drawn_picture(combo, i)` of each
+    combination, the image embedding (StableUnCLIPImg2ImgPipeline's image encoder, `pipes["img2img"]`) is
+    compared by cosine with the prior text tower's embeddings (StableUnCLIPPipeline's, `pipes["txt2img"]`)
+    of canonical captions that differ from the right one in one attribute only (the other shapes; the
+    other colours; the other backgrounds), and counted right when the right caption is nearest. Returns
+    {"shape", "color", "background": fractions right (chance 1/3, 1/9, 1/9), "shape_caption_cosine": the
+    mean cosine between the text embeddings of two captions differing only in shape (1.0: the text tower
+    does not tell the shapes apart), "n"}. A decoder conditioned on embeddings that do not tell shapes
+    apart cannot draw the shape asked for."""
+    from unclip_jax.tokenizer import tokenize  # noqa: PLC0415
+
+    pipe_t, params_t = pipes["txt2img"]
+    pipe_i, params_i = pipes["img2img"]
+    combos = [tuple(c) for c in combos]
+    pictures = np.stack([drawn_picture(c, i, seed) for i, c in enumerate(combos)])
+    image = np.concatenate([np.asarray(pipe_i.encode_image(params_i, pictures[idx]))[:real]
+                            for _, idx, real in _batches(len(combos), batch_size)])
+    text_tower = jax.jit(lambda ids, mask: pipe_t.prior_text_encoder.apply(
+        {"params": params_t["prior_text_encoder"]}, ids, mask).embeds)
+
+    def unit(x):
+        x = np.asarray(x, np.float64)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    def text(captions):
+        ids, mask = tokenize(pipe_t.prior_tokenizer, captions)
+        return unit(text_tower(ids, mask))
+
+    image = unit(image)
+    hits = {"shape": 0, "color": 0, "background": 0}
+    cosines = []
+    for e, (shape, color, background) in zip(image, combos):
+        options = {"shape": [(s, color, background) for s in domain.SHAPES],
+                   "color": [(shape, c, background) for c in domain.COLORS if c != background],
+                   "background": [(shape, color, b) for b in domain.COLORS if b != color]}
+        for name, candidates in options.items():
+            embeds = text([domain.canonical_caption(*c) for c in candidates])
+            hits[name] += candidates[int(np.argmax(embeds @ e))] == (shape, color, background)
+            if name == "shape":
+                cosines.append(float(np.mean([embeds[i] @ embeds[j] for i in range(3) for j in range(i + 1, 3)])))
+    return {**{k: v / len(combos) for k, v in hits.items()}, "shape_caption_cosine": float(np.mean(cosines)),
+            "n": len(combos)}
+
+
 def _box_change(before, after) -> tuple[float, float]:
     """(centre shift, largest change of height or width) in pixels between two boxes."""
     (t0, l0, b0, r0), (t1, l1, b1, r1) = before, after
@@ -415,7 +465,8 @@ def main(argv=None) -> int:
     p.add_argument("--per-item", action="store_true", help="keep the per-picture measures in the JSON")
     p.add_argument("--probe", action="store_true",
                    help="also `denoise_probe`: shapes and colours of the decoder's one-step prediction from drawn "
-                        f"pictures' latents noised to t = {', '.join(map(str, PROBE_TIMESTEPS))}")
+                        f"pictures' latents noised to t = {', '.join(map(str, PROBE_TIMESTEPS))}; and "
+                        "`clip_probe`: the shapes and colours the CLIP towers tell apart")
     args = p.parse_args(argv)
     if args.folder is None:
         from unclip_jax.toy.default import pipeline_folder  # noqa: PLC0415
@@ -431,6 +482,7 @@ def main(argv=None) -> int:
     out, images = evaluate(pipes, combos)
     if args.probe:
         out["denoise_probe"] = denoise_probe(*pipes["img2img"], combos)
+        out["clip_probe"] = clip_probe(pipes, combos)
     out["settings"] = dict(folders=list(folders), combos=len(combos), seed=SEED, decoder_steps=DECODER_STEPS,
                            prior_steps=PRIOR_STEPS, guidance=GUIDANCE, prior_guidance=PRIOR_GUIDANCE,
                            depth_steps=DEPTH_STEPS, depth_strength=DEPTH_STRENGTH, depth_guidance=DEPTH_GUIDANCE)
