@@ -278,18 +278,13 @@ def clip_probe(pipes, combos, *, seed: int = SEED, batch_size: int = BATCH_SIZE)
     pictures = np.stack([drawn_picture(c, i, seed) for i, c in enumerate(combos)])
     image = np.concatenate([np.asarray(pipe_i.encode_image(params_i, pictures[idx]))[:real]
                             for _, idx, real in _batches(len(combos), batch_size)])
-    text_tower = jax.jit(lambda ids, mask: pipe_t.prior_text_encoder.apply(
-        {"params": params_t["prior_text_encoder"]}, ids, mask).embeds)
-
-    def unit(x):
-        x = np.asarray(x, np.float64)
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-    def text(captions):
-        ids, mask = tokenize(pipe_t.prior_tokenizer, captions)
-        return unit(text_tower(ids, mask))
-
-    image = unit(image)
+    # Every candidate caption is one of the palette's canonical captions: all of them in one call, as the
+    # txt2img pipeline encodes its prompts for the prior.
+    ids, _ = tokenize(pipe_t.prior_tokenizer, [domain.canonical_caption(*c) for c in domain.ALL_COMBOS])
+    text = np.asarray(pipe_t._encode_prior_prompt(params_t, ids)[0], np.float64)
+    text = dict(zip(domain.ALL_COMBOS, text / np.linalg.norm(text, axis=-1, keepdims=True)))
+    image = np.asarray(image, np.float64)
+    image /= np.linalg.norm(image, axis=-1, keepdims=True)
     hits = {"shape": 0, "color": 0, "background": 0}
     cosines = []
     for e, (shape, color, background) in zip(image, combos):
@@ -297,7 +292,7 @@ def clip_probe(pipes, combos, *, seed: int = SEED, batch_size: int = BATCH_SIZE)
                    "color": [(shape, c, background) for c in domain.COLORS if c != background],
                    "background": [(shape, color, b) for b in domain.COLORS if b != color]}
         for name, candidates in options.items():
-            embeds = text([domain.canonical_caption(*c) for c in candidates])
+            embeds = np.stack([text[c] for c in candidates])
             hits[name] += candidates[int(np.argmax(embeds @ e))] == (shape, color, background)
             if name == "shape":
                 cosines.append(float(np.mean([embeds[i] @ embeds[j] for i in range(3) for j in range(i + 1, 3)])))
