@@ -66,6 +66,20 @@ def relative(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def check_parity(label: str, loss, ref_loss, grads, ref_grads, *, tol: float, grad_tol: float | None = None,
+                 extra: str = "") -> dict[str, float]:
+    """Our loss and grads (a param tree) against PyTorch's: prints the errors (`extra` appended) and asserts
+    the loss within `tol` relative and the grads within `grad_tol` (default `tol`) by `worst_relative`.
+    Returns {"loss", "grad", "leaf"} (leaf: `worst_leaf_relative`, reported only)."""
+    errs = {"loss": relative(loss, to_numpy(ref_loss)), "grad": worst_relative(grads, ref_grads),
+            "leaf": worst_leaf_relative(grads, ref_grads)}
+    print(f"{label}: loss rel {errs['loss']:.2e}, grad rel {errs['grad']:.2e} (per leaf {errs['leaf']:.2e}){extra}")
+    grad_tol = tol if grad_tol is None else grad_tol
+    assert errs["loss"] <= tol, f"{label}: loss rel {errs['loss']:.2e} > {tol}"
+    assert errs["grad"] <= grad_tol, f"{label}: grad rel {errs['grad']:.2e} > {grad_tol}"
+    return errs
+
+
 def nchw(x) -> torch.Tensor:
     return nhwc_to_nchw(np.asarray(x))
 

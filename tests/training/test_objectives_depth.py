@@ -10,9 +10,8 @@ import PIL.Image
 import pytest
 import torch
 
-from objective_ref import nchw, random_examples, relative, rules_of, t, torch_grads, worst_leaf_relative, worst_relative
+from objective_ref import check_parity, nchw, random_examples, rules_of, t, torch_grads
 from test_objectives_decoder import torch_denoising_loss, torch_latents, torch_text
-from torch_ref import to_numpy
 from unclip_jax.training.objectives import build_objective
 
 TOL = 1e-5
@@ -56,12 +55,7 @@ def test_depth_loss_and_grads_match_torch(pipeline_pairs, pipeline_dirs, shape, 
     ref_loss.backward()
     ref_grads = torch_grads(unet, trainable["unet"], rules_of(pipeline_dirs("depth2img", shape) / "unet"))
 
-    loss_err = relative(loss, to_numpy(ref_loss))
-    grad_err = worst_relative(grads["unet"], ref_grads)
-    leaf_err = worst_leaf_relative(grads["unet"], ref_grads)
-    print(f"depth {shape}: loss rel {loss_err:.2e}, grad rel {grad_err:.2e} (per leaf {leaf_err:.2e})")
-    assert loss_err <= TOL, loss_err
-    assert grad_err <= TOL, grad_err
+    check_parity(f"depth {shape}", loss, ref_loss, grads["unet"], ref_grads, tol=TOL)
 
 
 def test_depth_batch_must_be_consistent(pipeline_pairs):

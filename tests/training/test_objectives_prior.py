@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from objective_ref import random_examples, relative, rules_of, t, torch_grads, worst_leaf_relative, worst_relative
+from objective_ref import check_parity, random_examples, rules_of, t, torch_grads
 from test_objectives_decoder import torch_denoising_loss
-from torch_ref import to_numpy
 from unclip_jax.training.objectives import build_objective
 
 TOL = 1e-5
@@ -57,12 +56,7 @@ def test_prior_loss_and_grads_match_torch(pipeline_pairs, pipeline_dirs, shape, 
     for k in ("clip_mean", "clip_std"):
         ref_grads.pop(k)
 
-    loss_err = relative(loss, to_numpy(ref_loss))
-    grad_err = worst_relative(grads["prior"], ref_grads)
-    leaf_err = worst_leaf_relative(grads["prior"], ref_grads)
-    print(f"prior {shape}: loss rel {loss_err:.2e}, grad rel {grad_err:.2e} (per leaf {leaf_err:.2e})")
-    assert loss_err <= TOL, loss_err
-    assert grad_err <= TOL, grad_err
+    check_parity(f"prior {shape}", loss, ref_loss, grads["prior"], ref_grads, tol=TOL)
 
 
 def test_prior_needs_a_matching_image_encoder(pipeline_pairs, pipeline_dirs):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from objective_ref import nchw, random_examples, relative, rules_of, t, torch_grads, worst_leaf_relative, worst_relative
+from objective_ref import check_parity, nchw, random_examples, relative, rules_of, t, torch_grads
 from torch_ref import to_numpy
 from unclip_jax.training.objectives import OBJECTIVES, build_objective
 
@@ -78,17 +78,12 @@ def test_vae_loss_and_grads_match_torch(pipeline_pairs, pipeline_dirs, fast_comp
                             keep=keep)
     ref.vae.zero_grad(set_to_none=True)
 
-    loss_err = relative(loss, to_numpy(ref_loss))
     kl_err = relative(metrics["kl"], to_numpy(ref_kl))
-    grad_err = worst_relative(grads["vae"], ref_grads)
-    leaf_err = worst_leaf_relative(grads["vae"], ref_grads)
     kl_share = kl_weight * float(to_numpy(ref_kl)) / batch["pixel_values"][0].size / float(to_numpy(ref_loss))
-    print(f"vae {shape}: loss rel {loss_err:.2e}, kl rel {kl_err:.2e}, grad rel {grad_err:.2e} "
-          f"(per leaf {leaf_err:.2e}); KL term {kl_share:.1%} of the loss")
-    assert loss_err <= TOL, loss_err
+    check_parity(f"vae {shape}", loss, ref_loss, grads["vae"], ref_grads, tol=TOL,
+                 extra=f"; kl rel {kl_err:.2e}, KL term {kl_share:.1%} of the loss")
     assert kl_err <= TOL, kl_err
     assert relative(metrics["l1"], to_numpy(ref_l1)) <= TOL
-    assert grad_err <= TOL, grad_err
     if "kl_weight" in options:  # the KL term weighs in the comparison
         assert kl_share > 0.1, kl_share
 
@@ -139,12 +134,7 @@ def test_dpt_loss_and_grads_match_torch(pipeline_pairs, pipeline_dirs, fast_comp
                             rules_of(pipeline_dirs("depth2img", shape) / "depth_estimator"))
     model.zero_grad(set_to_none=True)
 
-    loss_err = relative(loss, to_numpy(ref_loss))
-    grad_err = worst_relative(grads["depth_estimator"], ref_grads)
-    leaf_err = worst_leaf_relative(grads["depth_estimator"], ref_grads)
-    print(f"dpt {shape}: loss rel {loss_err:.2e}, grad rel {grad_err:.2e} (per leaf {leaf_err:.2e})")
-    assert loss_err <= TOL, loss_err
-    assert grad_err <= DPT_GRAD_TOL, grad_err
+    check_parity(f"dpt {shape}", loss, ref_loss, grads["depth_estimator"], ref_grads, tol=TOL, grad_tol=DPT_GRAD_TOL)
 
 
 def test_vae_and_dpt_are_train_choices():
