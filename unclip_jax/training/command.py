@@ -56,6 +56,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="the depth-map column (depth training; default depth_file_name)")
     d.add_argument("--skip-missing-files", action="store_true",
                    help="skip (and count) metadata lines naming missing files instead of stopping")
+    d.add_argument("--cache-latents", action="store_true",
+                   help="decoder, depth: VAE-encode every picture (and CLIP-embed it, decoder) once before the "
+                        "first step, in memory, instead of on every step; needs --center-crop, no --random-flip")
 
     o = p.add_argument_group("optimization")
     o.add_argument("--gradient-accumulation-steps", type=int, default=1, metavar="N")
@@ -154,7 +157,7 @@ def config_from_args(args):
                      depth_column=args.depth_column, skip_missing_files=args.skip_missing_files,
                      validation_prompts=tuple(args.validation_prompt), validation_every=args.validation_every,
                      validation_steps=args.validation_steps, remat=args.remat, fsdp=args.fsdp,
-                     objective_options=_options(args), progress=args.progress)
+                     objective_options=_options(args), progress=args.progress, cache_latents=args.cache_latents)
 
 
 def initialize_distributed(args) -> None:

@@ -16,7 +16,8 @@ Each example is resized so its shorter side is `resolution`, cropped to `resolut
 default) and flipped left-right with probability 1/2 if `random_flip` (the
 `Resize` / `CenterCrop`|`RandomCrop` / `RandomHorizontalFlip` of diffusers' train_text_to_image); a depth
 map follows its image through the same geometry. Examples are `{"image": uint8 [R, R, 3], "text": str,
-"depth": float32 [R, R] (depth only)}`; normalisation is the objective's `collate`.
+"depth": float32 [R, R] (depth only)}`, plus "record" (the record's index in the source) from the
+iterator; normalisation is the objective's `collate`.
 
 Bad records are skipped and counted, never fatal: a record without a caption (found when the source is
 opened), an image or depth map that cannot be read (found when it is read). Files that the metadata names
@@ -331,9 +332,12 @@ class DataIterator:
     def _read(self, position: tuple[int, int]) -> dict[str, Any]:
         """The example at `position` (its crop and flip seeded by the position). Raises BadRecord."""
         epoch, i = position
-        record = self.source.records[self.order(epoch)[i]]
-        return transform(record, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip,
-                         interpolation=self.interpolation, rng=np.random.default_rng([self.seed, epoch, i]))
+        index = int(self.order(epoch)[i])
+        example = transform(self.source.records[index], self.resolution, center_crop=self.center_crop,
+                            random_flip=self.random_flip, interpolation=self.interpolation,
+                            rng=np.random.default_rng([self.seed, epoch, i]))
+        example["record"] = index
+        return example
 
     def next_example(self) -> dict[str, Any]:
         return self._next_rows(1, [0], None)[0]

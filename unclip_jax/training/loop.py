@@ -82,6 +82,7 @@ class RunConfig:
     objective_options: dict = dataclasses.field(default_factory=dict)
     progress: bool | None = None  # None: a bar only when stderr is a terminal
     log_every: int = 1  # steps between TensorBoard scalar writes
+    cache_latents: bool = False  # the frozen encoders' outputs computed once per picture (`_LatentCache`)
 
 
 def _log(msg: str) -> None:
@@ -243,6 +244,9 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
     # ---- checks that need nothing loaded
     if config.batch_size < 1 or sc.steps < 1 or config.save_every < 1 or config.keep < 1:
         raise ValueError("--batch-size, --steps, --save-every and --keep must be at least 1")
+    if config.cache_latents and (config.random_flip or not config.center_crop):
+        raise ValueError("--cache-latents encodes each picture once, so its crop must not vary: it needs "
+                         "--center-crop and no --random-flip")
     check_out(config.out)
     depth_column = config.depth_column
     if depth_column is None and config.objective == "depth" and not config.objective_options.get("depth_from_model"):
@@ -277,6 +281,9 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
     _check_resolution(pipe, resolution)
     options = {"resolution": resolution, **config.objective_options}
     objective, pipe, params = (build or _default_build)(config.objective, pipe, params, options)
+    if config.cache_latents and objective.cache is None:
+        raise ValueError(f"--cache-latents: the {objective.name} objective has no frozen encoder outputs to "
+                         "cache (the decoder and depth objectives have)")
     trainable, frozen = objective.split(params)
     sig = signature(trainable)
 
@@ -298,6 +305,11 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
         state = checkpoints.restore(start, state)
         iterator.restore(resume_meta["data"])
         _log(f"resumed from step {start} ({os.path.join(ckpt_dir, str(start))})")
+
+    cache = None
+    if config.cache_latents:
+        cache = _LatentCache.build(objective, objective.merge(trainable, frozen), source, resolution, config,
+                                   chunk=config.batch_size * sc.gradient_accumulation_steps)
 
     # ---- OUT is written from here on
     os.makedirs(config.out, exist_ok=True)
@@ -324,7 +336,9 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
     exchange = process_any if jax.process_count() > 1 else None
 
     def next_local_batch():
-        return objective.collate(iterator.next_batch(rows, exchange))
+        examples = iterator.next_batch(rows, exchange)
+        batch = objective.collate(examples)
+        return batch if cache is None else cache.replace(batch, [e["record"] for e in examples])
 
     pending = next_local_batch() if start < sc.steps else None
     step_fn = None if pending is None else steps.compile_step(objective, sc, layout, state, frozen, pending)
@@ -432,13 +446,69 @@ class _Validation:
         self.metrics.image(write_grid(images, path), step)
 
 
-def _progress_bar(config: RunConfig, start: int, total: int):
+class _LatentCache:
+    """`--cache-latents`: the objective's `cache` outputs (its frozen encoders' results, e.g. the VAE
+    posterior and the CLIP image embedding) for every record of the source, computed once before the
+    first step, in record order, in chunks of the step's batch size (the last padded, so one executable
+    serves all). Batches then carry them in place of the inputs they replace (`objective.cache_replaces`),
+    looked up by each example's record index; the loss gives what it would give on the raw batch.
+    Held in host memory (every process holds all records): for datasets of up to some hundred thousand
+    small pictures, as diffusers' scripts precompute VAE latents."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], replaces: tuple[str, ...]):
+        self.arrays, self.replaces = arrays, replaces
+
+    @classmethod
+    def build(cls, objective, params, source, resolution: int, config: RunConfig, chunk: int) -> "_LatentCache":
+        import jax  # noqa: PLC0415
+
+        from unclip_jax.training.data import BadRecord  # noqa: PLC0415
+
+        n = len(source)
+        _log(f"--cache-latents: encoding the {n} records once")
+        t0 = time.perf_counter()
+        encode = jax.jit(objective.cache)
+        arrays: dict[str, np.ndarray] = {}
+        bar = _progress_bar(config, 0, n, desc="cache", unit="picture")
+        for start in range(0, n, chunk):
+            examples, where = [], []
+            for i in range(start, min(start + chunk, n)):
+                try:
+                    examples.append(transform(source.records[i], resolution, center_crop=True, random_flip=False,
+                                              rng=np.random.default_rng(0), interpolation=config.interpolation))
+                except BadRecord:  # skipped by the iterator too: never looked up
+                    continue
+                where.append(i)
+            if examples:
+                real = len(examples)
+                examples += examples[:1] * (chunk - real)
+                out = jax.device_get(encode(params, objective.collate(examples)))
+                for k, v in out.items():
+                    if k not in arrays:
+                        arrays[k] = np.zeros((n, *np.shape(v)[1:]), np.asarray(v).dtype)
+                    arrays[k][where] = np.asarray(v)[:real]
+            if bar is not None:
+                bar.update(min(start + chunk, n) - start)
+        if bar is not None:
+            bar.close()
+        size = sum(a.nbytes for a in arrays.values()) / 2 ** 20
+        _log(f"--cache-latents: {', '.join(arrays)} of {n} records in {time.perf_counter() - t0:.0f} s ({size:.0f} MB)")
+        return cls(arrays, objective.cache_replaces)
+
+    def replace(self, batch: dict, records: list[int]) -> dict:
+        """`batch` with the cached values of `records` in place of the inputs they replace."""
+        out = {k: v for k, v in batch.items() if k not in self.replaces}
+        out.update({k: a[records] for k, a in self.arrays.items()})
+        return out
+
+
+def _progress_bar(config: RunConfig, start: int, total: int, desc: str = "train", unit: str = "step"):
     show = sys.stderr.isatty() if config.progress is None else config.progress
     if not show:
         return None
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr)
+    return tqdm(total=total, initial=start, desc=desc, unit=unit, file=sys.stderr)
 
 
 def _describe(config: RunConfig, resolution: int) -> dict:

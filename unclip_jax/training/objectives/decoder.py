@@ -75,7 +75,10 @@ def encode_text(text_encoder, params, ids, empty_ids=None, drop=None) -> jax.Arr
 
 
 def latent_shape(pipe, batch: dict) -> tuple[int, ...]:
-    """[B, H/f, W/f, C]: the VAE latents' shape of the batch's `pixel_values` [B, H, W, 3]."""
+    """[B, H/f, W/f, C]: the VAE latents' shape of the batch's `pixel_values` [B, H, W, 3] (or of its cached
+    posterior `latent_mean`)."""
+    if "latent_mean" in batch:
+        return tuple(batch["latent_mean"].shape)
     b, h, w, _ = batch["pixel_values"].shape
     f = pipe.vae_scale_factor
     return (b, h // f, w // f, pipe.vae.config.latent_channels)
@@ -85,6 +88,19 @@ def posterior_latents(vae, params, pixels, noise) -> jax.Array:
     """The VAE posterior sample (mean + std * noise) times the scaling factor, [B, h, w, C] float32."""
     post = vae.apply({"params": params}, pixels, method="encode")
     return (post.mean + post.std * noise) * vae.config.scaling_factor
+
+
+def cached_posterior(vae, params, pixels) -> dict[str, jax.Array]:
+    """{"latent_mean", "latent_std"} [B, h, w, C]: the VAE posterior of `pixels`, what `batch_latents` samples."""
+    post = vae.apply({"params": params}, pixels, method="encode")
+    return {"latent_mean": post.mean, "latent_std": post.std}
+
+
+def batch_latents(vae, params, batch: dict, noise) -> jax.Array:
+    """`posterior_latents` of the batch's `pixel_values`, or the same sample from its cached posterior."""
+    if "latent_mean" in batch:
+        return (batch["latent_mean"] + batch["latent_std"] * noise) * vae.config.scaling_factor
+    return posterior_latents(vae, params, batch["pixel_values"], noise)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a jit closure's constant
@@ -112,15 +128,26 @@ class DecoderLoss:
         d.update(dropout_masks(k_drop, b, self.text_dropout, self.image_dropout))
         return d
 
+    def image_embeds(self, params, batch) -> jax.Array:
+        """The image encoder's embedding [B, D] of the batch's `clip_pixel_values` (or its cached one)."""
+        if "image_embeds" in batch:
+            return batch["image_embeds"]
+        return self.pipe.image_encoder.apply({"params": params["image_encoder"]}, batch["clip_pixel_values"]).embeds
+
+    def cache(self, params, batch) -> dict[str, jax.Array]:
+        """The frozen encoders' outputs on the batch (Objective.cache): the VAE posterior and the embedding."""
+        return {**cached_posterior(self.pipe.vae, params["vae"], batch["pixel_values"]),
+                "image_embeds": self.image_embeds(params, batch)}
+
     def class_labels(self, params, batch, draws) -> jax.Array:
         pipe = self.pipe
-        embeds = pipe.image_encoder.apply({"params": params["image_encoder"]}, batch["clip_pixel_values"]).embeds
+        embeds = self.image_embeds(params, batch)
         labels = pipe.noise_image_embeddings(params, embeds, draws["noise_level"], noise=draws["image_embeds_noise"])
         return jnp.where(draws["drop_image"][:, None], 0.0, labels)
 
     def given(self, trainable, frozen, batch, draws) -> tuple[jax.Array, dict]:
         pipe, params = self.pipe, merge(trainable, frozen)
-        latents = posterior_latents(pipe.vae, params["vae"], batch["pixel_values"], draws["posterior_noise"])
+        latents = batch_latents(pipe.vae, params["vae"], batch, draws["posterior_noise"])
         text = encode_text(pipe.text_encoder, params["text_encoder"], batch["input_ids"],
                            jnp.broadcast_to(self.empty_ids, batch["input_ids"].shape), draws["drop_text"])
         labels = self.class_labels(params, batch, draws)
@@ -162,7 +189,8 @@ def build(pipe, params, options: dict):
 
     split, merge_ = make_split(["unet"])
     objective = Objective(name="decoder", collate=collate, split=split, merge=merge_, loss=loss,
-                          save=save_pipeline, pipeline_class=type(pipe))
+                          save=save_pipeline, pipeline_class=type(pipe), cache=loss.cache,
+                          cache_replaces=("pixel_values", "clip_pixel_values"))
     return objective, pipe, params
 
 

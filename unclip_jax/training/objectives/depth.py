@@ -25,8 +25,9 @@ from unclip_jax.training.objectives.decoder import (
     check_probability,
     encode_text,
     images_of,
+    batch_latents,
+    cached_posterior,
     latent_shape,
-    posterior_latents,
     save_pipeline,
     text_ids,
     vae_pixels,
@@ -74,7 +75,7 @@ class DepthLoss:
 
     def given(self, trainable, frozen, batch, draws) -> tuple[jax.Array, dict]:
         pipe, params = self.pipe, merge(trainable, frozen)
-        latents = posterior_latents(pipe.vae, params["vae"], batch["pixel_values"], draws["posterior_noise"])
+        latents = batch_latents(pipe.vae, params["vae"], batch, draws["posterior_noise"])
         text = encode_text(pipe.text_encoder, params["text_encoder"], batch["input_ids"],
                            jnp.broadcast_to(self.empty_ids, batch["input_ids"].shape), draws["drop_text"])
         depth = self.depth_mask(params, batch)
@@ -112,7 +113,9 @@ def build(pipe, params, options: dict):
 
     split, merge_ = make_split(["unet"])
     objective = Objective(name="depth", collate=collate, split=split, merge=merge_, loss=loss,
-                          save=save_pipeline, pipeline_class=type(pipe))
+                          save=save_pipeline, pipeline_class=type(pipe),
+                          cache=lambda p, batch: cached_posterior(pipe.vae, p["vae"], batch["pixel_values"]),
+                          cache_replaces=("pixel_values",))
     return objective, pipe, params
 
 
