@@ -95,6 +95,16 @@ def test_run_with_cache_trains_as_without(capsys, tmp_path, tiny_dirs, data, fas
     assert len(plain) == 2 and np.allclose(cached, plain, rtol=1e-5, atol=0), (cached, plain)
     assert worst_relative(unet_c, unet) <= 1e-5
 
+    # Stopped after step 1 and resumed: the cache is rebuilt the same way, the run ends bit for bit the same.
+    out = tmp_path / "resumed"
+    code, io = _train(capsys, tiny_dirs["unclip_img2img"], data, out, "--cache-latents", "--steps", 1)
+    assert code == 0, io.err
+    code, io = _train(capsys, tiny_dirs["unclip_img2img"], data, out, "--cache-latents", "--resume")
+    assert code == 0 and "resumed from step 1" in io.err, io.err
+    _, params = uj.StableUnCLIPImg2ImgPipeline.from_pretrained(str(out / "final"))
+    assert [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")] == cached
+    assert jax.tree.all(jax.tree.map(np.array_equal, params["unet"], unet_c))
+
 
 def test_bad_cache_requests_write_nothing(capsys, tmp_path, tiny_dirs, data):
     out = tmp_path / "out"
