@@ -307,7 +307,7 @@ def train(config: RunConfig, *, load: Callable | None = None, build: Callable | 
         _log(f"resumed from step {start} ({os.path.join(ckpt_dir, str(start))})")
 
     cache = None
-    if config.cache_latents:
+    if config.cache_latents and start < sc.steps:  # a finished run resumed takes no step
         cache = _LatentCache.build(objective, objective.merge(trainable, frozen), source, resolution, config,
                                    chunk=config.batch_size * sc.gradient_accumulation_steps)
 

@@ -84,12 +84,6 @@ def latent_shape(pipe, batch: dict) -> tuple[int, ...]:
     return (b, h // f, w // f, pipe.vae.config.latent_channels)
 
 
-def posterior_latents(vae, params, pixels, noise) -> jax.Array:
-    """The VAE posterior sample (mean + std * noise) times the scaling factor, [B, h, w, C] float32."""
-    post = vae.apply({"params": params}, pixels, method="encode")
-    return (post.mean + post.std * noise) * vae.config.scaling_factor
-
-
 def cached_posterior(vae, params, pixels) -> dict[str, jax.Array]:
     """{"latent_mean", "latent_std"} [B, h, w, C]: the VAE posterior of `pixels`, what `batch_latents` samples."""
     post = vae.apply({"params": params}, pixels, method="encode")
@@ -97,10 +91,10 @@ def cached_posterior(vae, params, pixels) -> dict[str, jax.Array]:
 
 
 def batch_latents(vae, params, batch: dict, noise) -> jax.Array:
-    """`posterior_latents` of the batch's `pixel_values`, or the same sample from its cached posterior."""
-    if "latent_mean" in batch:
-        return (batch["latent_mean"] + batch["latent_std"] * noise) * vae.config.scaling_factor
-    return posterior_latents(vae, params, batch["pixel_values"], noise)
+    """The VAE posterior sample (mean + std * noise) times the scaling factor, [B, h, w, C] float32, of the
+    batch's `pixel_values`, or from its cached posterior (`cached_posterior`) when it holds one."""
+    post = batch if "latent_mean" in batch else cached_posterior(vae, params, batch["pixel_values"])
+    return (post["latent_mean"] + post["latent_std"] * noise) * vae.config.scaling_factor
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a jit closure's constant

@@ -22,11 +22,11 @@ import numpy as np
 from unclip_jax.tokenizer import tokenize
 from unclip_jax.training.objective import Objective
 from unclip_jax.training.objectives.decoder import (
+    batch_latents,
+    cached_posterior,
     check_probability,
     encode_text,
     images_of,
-    batch_latents,
-    cached_posterior,
     latent_shape,
     save_pipeline,
     text_ids,
