@@ -40,10 +40,41 @@ def torch_vae_loss(vae, pixel_values, posterior_noise, kl_weight):
     return l1 + kl_weight * kl / x[0].numel(), l1, kl
 
 
+def torch_latent_shaping(mean, foreground, scaling_factor, mask_weight, smooth_weight):
+    """The mask term (channel 0 of the scaled posterior mean against 2 * foreground - 1) and the smooth term
+    (the other channels against their edge-padded 5 x 5 average pool), weighted. Returns (loss, mask, smooth)."""
+    z = mean * scaling_factor
+    mask = ((z[:, 0] - (2 * foreground - 1)) ** 2).mean()
+    rest = z[:, 1:]
+    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(rest, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
+    smooth = ((rest - blurred) ** 2).mean()
+    return mask_weight * mask + smooth_weight * smooth, mask, smooth
+
+
+def object_examples(n: int, size: int, seed: int) -> tuple[list[dict], list[tuple[int, int, int, int]]]:
+    """Pictures of one rectangle of a colour on a plain background of another, with mild noise, and the
+    rectangles (top, left, bottom, right)."""
+    rng = np.random.default_rng(seed)
+    examples, boxes = [], []
+    for i in range(n):
+        background, color = rng.permutation([(230, 25, 25), (30, 60, 220), (240, 220, 30), (15, 15, 15)])[:2]
+        image = np.empty((size, size, 3), np.float64)
+        image[:] = background
+        top, left = rng.integers(3, size // 2, 2)
+        bottom, right = top + rng.integers(4, size // 2 - 2), left + rng.integers(4, size // 2 - 2)
+        image[top:bottom, left:right] = color
+        image += rng.normal(0, 3, image.shape)
+        examples.append({"image": np.clip(np.round(image), 0, 255).astype(np.uint8), "text": "a box"})
+        boxes.append((int(top), int(left), int(bottom), int(right)))
+    return examples, boxes
+
+
 VAE_CASES = [  # pipeline shape (VAE (16, 32) / 8 groups, factor 2; (8, 16, 16) / 4 groups, factor 4), size, options
     ("a", 16, {}),
     ("b", 32, {"kl_weight": 10.0}),  # random weights: the KL per pixel value is ~3e-2 of the L1
     ("b", 32, {"vae_decoder_only": True}),  # the decoder fine-tune: the same loss, the decoder side's grads
+    ("a", 16, {"mask_weight": 0.5, "smooth_weight": 2.0}),  # the latent shaping terms, on pictures of objects
+    ("b", 32, {"mask_weight": 0.2}),
 ]
 
 
@@ -51,7 +82,8 @@ VAE_CASES = [  # pipeline shape (VAE (16, 32) / 8 groups, factor 2; (8, 16, 16) 
 def test_vae_loss_and_grads_match_torch(pipeline_pairs, pipeline_dirs, fast_compile, shape, size, options):
     ref, pipe, params = pipeline_pairs("unclip_img2img", shape)
     objective, pipe, params = build_objective("vae", pipe, params, options)
-    batch = objective.collate(random_examples(2, size, seed=3))
+    shaping = bool(options.get("mask_weight") or options.get("smooth_weight"))
+    batch = objective.collate(object_examples(2, size, seed=3)[0] if shaping else random_examples(2, size, seed=3))
     trainable, frozen = objective.split(params)
     assert set(trainable) == {"vae"}
     decoder_side = {"decoder", "post_quant_conv"}
@@ -73,6 +105,17 @@ def test_vae_loss_and_grads_match_torch(pipeline_pairs, pipeline_dirs, fast_comp
             p.requires_grad_(name.startswith(keep))
     kl_weight = options.get("kl_weight", 1e-6)
     ref_loss, ref_l1, ref_kl = torch_vae_loss(ref.vae, batch["pixel_values"], noise, kl_weight)
+    if shaping:
+        mask_weight, smooth_weight = options.get("mask_weight", 0.0), options.get("smooth_weight", 0.0)
+        ref_shaping, ref_mask, ref_smooth = torch_latent_shaping(
+            ref.vae.encode(nchw(batch["pixel_values"])).latent_dist.mean, t(batch["foreground"]),
+            ref.vae.config.scaling_factor, mask_weight, smooth_weight)
+        assert float(to_numpy(ref_shaping)) > 0.1 * float(to_numpy(ref_loss)), "the shaping terms weigh in"
+        ref_loss = ref_loss + ref_shaping
+        assert relative(metrics["mask"], to_numpy(ref_mask)) <= TOL
+        assert ("smooth" in metrics) == bool(smooth_weight)
+        if smooth_weight:
+            assert relative(metrics["smooth"], to_numpy(ref_smooth)) <= TOL
     ref_loss.backward()
     ref_grads = torch_grads(ref.vae, trainable["vae"], rules_of(pipeline_dirs("unclip_img2img", shape) / "vae"),
                             keep=keep)
@@ -137,6 +180,28 @@ def test_dpt_loss_and_grads_match_torch(pipeline_pairs, pipeline_dirs, fast_comp
     check_parity(f"dpt {shape}", loss, ref_loss, grads["depth_estimator"], ref_grads, tol=TOL, grad_tol=DPT_GRAD_TOL)
 
 
+def test_foreground_coverage_is_each_latent_cell_s_share_of_the_object():
+    from unclip_jax.training.objectives.vae import foreground_coverage
+
+    examples, boxes = object_examples(3, 32, seed=11)
+    coverage = foreground_coverage(np.stack([e["image"] for e in examples]), 4)
+    assert coverage.shape == (3, 8, 8)
+    for cov, (top, left, bottom, right) in zip(coverage, boxes):
+        mask = np.zeros((32, 32))
+        mask[top:bottom, left:right] = 1
+        np.testing.assert_allclose(cov, mask.reshape(8, 4, 8, 4).mean(axis=(1, 3)), atol=1e-6)
+
+
+def test_vae_latent_shaping_refuses_bad_options(pipeline_pairs):
+    _, pipe, params = pipeline_pairs("unclip_img2img", "a")
+    with pytest.raises(ValueError, match="mask_weight -1.0: must be >= 0"):
+        build_objective("vae", pipe, params, {"mask_weight": -1})
+    with pytest.raises(ValueError, match="smooth_weight shapes the encoder's latents, which vae_decoder_only"):
+        build_objective("vae", pipe, params, {"smooth_weight": 1.0, "vae_decoder_only": True})
+    objective, _, _ = build_objective("vae", pipe, params, {})
+    assert "foreground" not in objective.collate(random_examples(2, 16, seed=0))  # no mask work when off
+
+
 def test_vae_and_dpt_are_train_choices():
     from unclip_jax.cli import parser
 
@@ -150,6 +215,9 @@ def test_vae_and_dpt_are_train_choices():
     args = parser().parse_args(["train", "vae", "--model", "m", "--data", "d", "--out", "o", "--steps", "1",
                                "--batch-size", "1", "--vae-decoder-only"])
     assert _options(args)["vae_decoder_only"] is True
+    args = parser().parse_args(["train", "vae", "--model", "m", "--data", "d", "--out", "o", "--steps", "1",
+                               "--batch-size", "1", "--vae-mask-weight", "0.2", "--vae-smooth-weight", "1"])
+    assert (_options(args)["mask_weight"], _options(args)["smooth_weight"]) == (0.2, 1.0)
 
 
 def test_vae_and_dpt_refuse_what_they_cannot_train(pipeline_pairs):

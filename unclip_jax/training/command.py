@@ -105,6 +105,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     j.add_argument("--vae-decoder-only", action="store_true",
                    help="vae: train the decoder and post_quant_conv only; the encoder, and so the latents a UNet "
                         "was trained on, stay (a decoder fine-tune)")
+    j.add_argument("--vae-mask-weight", type=float, default=None, metavar="W",
+                   help="vae: pull latent channel 0 towards the foreground mask (+1 object, -1 background) with "
+                        "weight W (off)")
+    j.add_argument("--vae-smooth-weight", type=float, default=None, metavar="W",
+                   help="vae: penalise the other latent channels' high frequencies with weight W (off)")
     j.add_argument("--logit-scale", type=float, default=None,
                    help="clip: the initial logit scale, ln(1 / temperature) (ln(1 / 0.07) ~ 2.66, CLIP's)")
     j.add_argument("--placeholder-token", default=None)
@@ -127,7 +132,8 @@ def _options(args) -> dict:
              "text_dropout": "text_dropout", "image_dropout": "image_dropout", "noise_level": "noise_level",
              "image_encoder": "image_encoder", "lora_rank": "lora_rank", "lora_alpha": "lora_alpha",
              "placeholder_token": "placeholder_token", "initializer_token": "initializer_token",
-             "num_vectors": "num_vectors", "logit_scale": "logit_scale"}
+             "num_vectors": "num_vectors", "logit_scale": "logit_scale", "mask_weight": "vae_mask_weight",
+             "smooth_weight": "vae_smooth_weight"}
     out = {key: getattr(args, attr) for key, attr in names.items() if getattr(args, attr) is not None}
     if args.noise_level is not None:
         out["noise_level"] = tuple(args.noise_level)

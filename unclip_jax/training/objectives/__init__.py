@@ -30,6 +30,8 @@ Objectives and the pipeline each trains:
   placeholder_token, initializer_token, num_vectors (1): textual inversion's new token(s).
   kl_weight (1e-6): the vae objective's KL weight.
   vae_decoder_only (False): the vae objective trains the decoder side only; the encoder (the latents) stays.
+  mask_weight, smooth_weight (0.0): the vae objective's latent shaping: channel 0 pulled towards the
+    foreground mask, the other channels' high frequencies penalised (see objectives/vae.py).
 """
 
 from __future__ import annotations
