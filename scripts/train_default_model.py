@@ -1,16 +1,11 @@
 """Reproduces the default (toy-domain) model of issue 18: datasets, then every training stage, in order.
 
-    python scripts/train_default_model.py --work WORK [--seed 0] [--only STAGE ...] [--dry-run] [--schedule long]
+    python scripts/train_default_model.py --work WORK [--seed 0] [--only STAGE ...] [--dry-run] [--ship]
 
 Every training stage runs `unclip-jax train OBJECTIVE` (issue 17's machinery; the `vae` and `dpt`
 objectives were added for this model). The shipped weights came from one run of this script with the
-step counts below on this project's 2-core CPU machine: 7,040 s (117 min) in all, within issue 18's 2 hours (WORK/timings.json has each
-stage's seconds). `--scale 0.002` is a smoke run of every stage in ~6 minutes.
-
-`--schedule long` is the longer run measured in unclip_jax/toy/README.md (not shipped: it draws no more
-criteria right than the 2-hour run and takes ~3.2 hours): the vae-decoder stage's 1,500 steps, and the decoder
-and depth stages at 3,000 and 1,400 steps. Its runs continue the shipped run's (the same step counts up to the
-shipped ones, and the loop resumes bit-exactly), so `--schedule long` on a finished WORK resumes them.
+step counts below on this project's 2-core CPU machine: RUNTIME, within issue 18's 2 hours (WORK/timings.json
+has each stage's seconds). `--scale 0.002` is a smoke run of every stage in ~6 minutes.
 
 Stages (each resumable: a stage whose output exists is skipped; `--only` runs the named ones):
 
@@ -22,10 +17,7 @@ Stages (each resumable: a stage whose output exists is skipped; `--only` runs th
             width is the embedding width) and the depth model's (init.tie_text_encoders)
   stats     the image normalizer's and the prior's embedding mean/std from 4,096 pictures
             (init.set_embedding_stats)
-  vae       the VAE on the shapes; then its latents' scaling factor (1 / std)
-  vae-decoder
-            (--schedule long only) the VAE's decoder side fine-tuned with its encoder fixed (`train vae
-            --vae-decoder-only`): the UNets' latents stay the vae stage's, the pictures get sharper
+  vae       the VAE on the shapes, its latents shaped; then their scaling factor (1 / std)
   prior     the prior on the shapes (CLIP text -> CLIP image embedding)
   decoder   the unCLIP decoder on the shapes (noise-augmented image embedding + text)
   dpt       the DPT on the depth scenes
@@ -58,19 +50,16 @@ sys.path.insert(0, os.path.dirname(HERE))
 TRAINING = {
     # The clip objective trains StableUnCLIPPipeline's prior_text_encoder and the image_encoder beside it.
     "clip": ("unclip", "shapes", ("prior_text_encoder", "image_encoder"),
-             dict(steps=800, batch_size=128, learning_rate=1e-3)),  # 0.45 s/step: 6 min
-    "vae": ("unclip", "shapes", ("vae",), dict(steps=800, batch_size=32, learning_rate=1e-3)),
-    "vae-decoder": ("unclip", "shapes", ("vae",), dict(steps=0, batch_size=32, learning_rate=1e-3)),  # long only
+             dict(steps=2400, batch_size=128, learning_rate=1e-3)),
+    # The latents are shaped: channel 0 follows the foreground mask, the others stay smooth, so a shape's
+    # outline is one latent direction for every colour pair (toy README, "Why blobs, found").
+    "vae": ("unclip", "shapes", ("vae",), dict(steps=1600, batch_size=16, learning_rate=1e-3)),
     "prior": ("unclip", "shapes", ("prior",), dict(steps=1000, batch_size=128, learning_rate=5e-4)),
-    "decoder": ("unclip", "shapes", ("unet",), dict(steps=1400, batch_size=64, learning_rate=1e-3)),
-    "dpt": ("depth2img", "depth", ("depth_estimator",), dict(steps=600, batch_size=32, learning_rate=1e-3)),  # 2
+    "decoder": ("unclip", "shapes", ("unet",), dict(steps=4800, batch_size=16, learning_rate=1e-3)),
+    "dpt": ("depth2img", "depth", ("depth_estimator",), dict(steps=600, batch_size=32, learning_rate=1e-3)),
     "depth": ("depth2img", "depth", ("unet",), dict(steps=700, batch_size=64, learning_rate=1e-3)),
 }
-# --schedule long: these stages' steps instead (see the module docstring).
-LONG_STEPS = {"vae-decoder": 1500, "decoder": 3000, "depth": 1400}
-# Stages whose objective is not their name.
-OBJECTIVE_OF = {"vae-decoder": "vae"}
-STAGES = ("data", "init", "clip", "stats", "vae", "vae-decoder", "prior", "decoder", "dpt", "depth", "export")
+STAGES = ("data", "init", "clip", "stats", "vae", "prior", "decoder", "dpt", "depth", "export")
 DATASETS = {"shapes": dict(count=16384, depth=False), "depth": dict(count=4096, depth=True),
             "heldout": dict(count=512, depth=False, held_out=True)}
 # Flags of every training stage: a short warm-up, and an EMA that follows a short run (the default decay
@@ -79,13 +68,16 @@ COMMON_FLAGS = ["--resolution", "64", "--center-crop", "--lr-scheduler", "consta
                 "--ema-decay", "0.999", "--ema-warmup",
                 "--save-every", "500", "--validation-prompt", "a red circle on a blue background"]
 # Per stage: conditioning dropout for classifier-free guidance; the prior's target embedding comes from
-# the image encoder in the same folder ({stage} is WORK/stage).
-FLAGS = {"clip": ["--image-encoder", "{stage}/unclip"],
+# the image encoder in the same folder ({stage} is WORK/stage); the clip stage's fixed temperature, the
+# decoder's min-SNR weighting over cached latents, the depth decoder's noise offset (it must learn to
+# change a picture's mean colour).
+FLAGS = {"clip": ["--image-encoder", "{stage}/unclip", "--logit-scale", "4.6"],
+         "vae": ["--vae-mask-weight", "0.2", "--vae-smooth-weight", "1.0"],
          "prior": ["--image-encoder", "{stage}/unclip", "--text-dropout", "0.1"],
-         "decoder": ["--text-dropout", "0.1", "--image-dropout", "0.1", "--noise-level", "0", "300"],
-         "vae-decoder": ["--vae-decoder-only"],
+         "decoder": ["--text-dropout", "0.1", "--image-dropout", "0.1", "--noise-level", "0", "300",
+                     "--snr-gamma", "5", "--cache-latents"],
          "dpt": ["--depth-column", "depth_file_name"],
-         "depth": ["--text-dropout", "0.1", "--depth-column", "depth_file_name"]}
+         "depth": ["--text-dropout", "0.1", "--depth-column", "depth_file_name", "--noise-offset", "0.1"]}
 
 
 def train_objectives() -> set[str]:
@@ -119,7 +111,7 @@ def stage_data(work: str, seed: int) -> None:
 def training_arguments(name: str, work: str, seed: int) -> list[str]:
     """The `unclip-jax` arguments of training stage `name` (without --resume)."""
     folder, data, _, args = TRAINING[name]
-    return ["train", OBJECTIVE_OF.get(name, name), "--model", os.path.join(work, "stage", folder),
+    return ["train", name, "--model", os.path.join(work, "stage", folder),
             "--data", os.path.join(work, "data", data),
             "--out", os.path.join(work, "runs", name), "--steps", str(args["steps"]),
             "--batch-size", str(args["batch_size"]), "--learning-rate", str(args["learning_rate"]),
@@ -145,10 +137,9 @@ def stage_training(name: str, work: str, seed: int, dry_run: bool) -> None:
         from unclip_jax.toy.init import tie_text_encoders
 
         tie_text_encoders(os.path.join(work, "stage", "unclip"), os.path.join(work, "stage", "depth2img"), trained=True)
-    if name in ("vae", "vae-decoder"):  # one VAE for both folders
+    if name == "vae":  # one VAE for both folders
         shutil.rmtree(os.path.join(work, "stage", "depth2img", "vae"))
         shutil.copytree(os.path.join(work, "stage", "unclip", "vae"), os.path.join(work, "stage", "depth2img", "vae"))
-    if name == "vae":
         set_vae_scaling_factor(work)
 
 
@@ -253,23 +244,17 @@ def main(argv=None) -> int:
     parser.add_argument("--ship", action="store_true",
                         help="export: also copy WORK/export into this checkout's unclip_jax/toy/weights (replacing "
                              "the shipped default model there)")
-    parser.add_argument("--schedule", choices=("shipped", "long"), default="shipped",
-                        help="shipped: the step counts of the shipped weights (default); long: the longer run "
-                             "the toy README measures")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every step count and dataset size by this (a smoke run: 0.002)")
     args = parser.parse_args(argv)
     stages = args.only or STAGES
-    if args.schedule == "long":
-        for name, steps in LONG_STEPS.items():
-            TRAINING[name][3]["steps"] = steps
     if args.scale != 1.0:
         for spec in TRAINING.values():
             if spec[3]["steps"]:
                 spec[3]["steps"] = max(2, round(spec[3]["steps"] * args.scale))
         for spec in DATASETS.values():
             spec["count"] = max(64, round(spec["count"] * args.scale))
-    needed = {OBJECTIVE_OF.get(s, s) for s in stages if s in TRAINING and TRAINING[s][3]["steps"]}
+    needed = {s for s in stages if s in TRAINING and TRAINING[s][3]["steps"]}
     if needed and not args.dry_run:
         missing = sorted(needed - train_objectives())
         if missing:

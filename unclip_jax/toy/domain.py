@@ -7,7 +7,7 @@ same pair gives the same picture, caption and attributes on every machine (numpy
 Flat pictures (`draw`): one shape of `SHAPES` in one colour of `PALETTE`, on a background of another
 palette colour (never the same), with mild texture: a low-frequency brightness ripple of +-4% and
 per-pixel Gaussian noise of sigma 3 (of 255), on shape and background alike. Edges are anti-aliased
-(4 x 4 supersampling). A shape's half-size is small (6 to 10 px) or large (13 to 18 px), its centre
+(4 x 4 supersampling). A shape's half-size is small (10 to 12.5 px) or large (13 to 18 px), its centre
 anywhere that keeps it 3 px inside the picture, so the outer 2-px border is always background.
 
   circle    radius s: fills pi/4 ~ 0.785 of its bounding box
@@ -58,7 +58,7 @@ import numpy as np
 
 SIZE = 64
 # Bumped whenever a change to this module changes what a (seed, index) draws.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: small shapes' half-size 10 to 12.5 px (was 6 to 10)
 
 # The named palette, exact sRGB.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -95,7 +95,7 @@ ALL_COMBOS: tuple[tuple[str, str, str], ...] = tuple(
     (s, c, b) for s in SHAPES for c in COLORS for b in COLORS if c != b)
 TRAIN_COMBOS: tuple[tuple[str, str, str], ...] = tuple(x for x in ALL_COMBOS if x not in set(HELD_OUT))
 
-SMALL, LARGE = (6.0, 10.0), (13.0, 18.0)  # half-size ranges in pixels
+SMALL, LARGE = (10.0, 12.5), (13.0, 18.0)  # half-size ranges in pixels
 MARGIN = 3.0  # a shape stays this far inside the picture: the 2-px border is background
 TEXTURE_NOISE = 3.0  # per-pixel sigma, of 255
 TEXTURE_RIPPLE = 0.04  # low-frequency brightness ripple amplitude
