@@ -4,8 +4,9 @@
 
 Every training stage runs `unclip-jax train OBJECTIVE` (issue 17's machinery; the `vae` and `dpt`
 objectives were added for this model). The shipped weights came from one run of this script with the
-step counts below on this project's 2-core CPU machine: RUNTIME, within issue 18's 2 hours (WORK/timings.json
-has each stage's seconds). `--scale 0.002` is a smoke run of every stage in ~6 minutes.
+step counts below on this project's 2-core CPU machine: at most 6,643 s (111 min) in all, within issue 18's
+2 hours (WORK/timings.json has each stage's seconds; the decoder and depth stages ran in legs continued with
+--resume, which resumes bit-exactly, and two legs shared the cores: unclip_jax/toy/README.md). `--scale 0.002` is a smoke run of every stage in ~6 minutes.
 
 Stages (each resumable: a stage whose output exists is skipped; `--only` runs the named ones):
 
@@ -55,9 +56,9 @@ TRAINING = {
     # outline is one latent direction for every colour pair (toy README, "Why blobs, found").
     "vae": ("unclip", "shapes", ("vae",), dict(steps=1600, batch_size=16, learning_rate=1e-3)),
     "prior": ("unclip", "shapes", ("prior",), dict(steps=1000, batch_size=128, learning_rate=5e-4)),
-    "decoder": ("unclip", "shapes", ("unet",), dict(steps=4800, batch_size=16, learning_rate=1e-3)),
+    "decoder": ("unclip", "shapes", ("unet",), dict(steps=14400, batch_size=16, learning_rate=1e-3)),
     "dpt": ("depth2img", "depth", ("depth_estimator",), dict(steps=600, batch_size=32, learning_rate=1e-3)),
-    "depth": ("depth2img", "depth", ("unet",), dict(steps=700, batch_size=64, learning_rate=1e-3)),
+    "depth": ("depth2img", "depth", ("unet",), dict(steps=1400, batch_size=64, learning_rate=1e-3)),
 }
 STAGES = ("data", "init", "clip", "stats", "vae", "prior", "decoder", "dpt", "depth", "export")
 DATASETS = {"shapes": dict(count=16384, depth=False), "depth": dict(count=4096, depth=True),

@@ -194,7 +194,7 @@ def test_initial_folders_load(initial):
     count["image_encoder"] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params_img["image_encoder"]))
     depth = {name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p)) for name, p in params_depth.items()}
     # The counts the module docstring states, and the shipped size the issue allows.
-    assert count["unet"] == 1_491_332 and depth["unet"] == 1_466_788 and count["prior"] == 222_112
+    assert count["unet"] == 1_421_732 and depth["unet"] == 1_466_788 and count["prior"] == 222_112
     assert 2 * (sum(count.values()) + sum(depth.values())) < 25e6
     # One text tower: the prior's is the decoder's with an identity projection, the depth model's the same.
     for text in (params["prior_text_encoder"], params_depth["text_encoder"]):
@@ -316,16 +316,13 @@ def _training_script():
     return module
 
 
-@pytest.mark.parametrize("schedule", ["shipped", "long"])
-def test_training_script_commands(tmp_path, capsys, schedule):
+def test_training_script_commands(tmp_path, capsys):
     script = _training_script()
-    assert script.main(["--work", str(tmp_path), "--dry-run", "--schedule", schedule]) == 0
+    assert script.main(["--work", str(tmp_path), "--dry-run"]) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
     run = [name for name, spec in script.TRAINING.items() if spec[3]["steps"]]
-    # "$ python -m unclip_jax.cli train OBJECTIVE": the stages with steps in this schedule, in order
-    assert [line.split()[5] for line in printed] == [script.OBJECTIVE_OF.get(name, name) for name in run]
-    assert ("vae-decoder" in run) == (schedule == "long")
-    assert script.TRAINING["decoder"][3]["steps"] == (3000 if schedule == "long" else 1400)
+    # "$ python -m unclip_jax.cli train OBJECTIVE": every training stage, in order
+    assert [line.split()[5] for line in printed] == run == ["clip", "vae", "prior", "decoder", "dpt", "depth"]
     assert not os.path.exists(tmp_path / "data")  # a dry run writes nothing but timings.json
     # Every stage's arguments parse with the CLI's own parser, for the objectives it offers.
     from unclip_jax import cli
@@ -338,11 +335,12 @@ def test_training_script_commands(tmp_path, capsys, schedule):
         pytest.skip("no `unclip-jax train` command yet")
     offered = set(next(a for a in commands["train"]._actions if a.dest == "objective").choices)
     for name in run:
-        objective = script.OBJECTIVE_OF.get(name, name)
-        if objective in offered:
+        if name in offered:
             args = parser.parse_args(script.training_arguments(name, str(tmp_path), 0))
-            assert args.objective == objective and args.steps == script.TRAINING[name][3]["steps"]
-            assert args.vae_decoder_only == (name == "vae-decoder")
+            assert args.objective == name and args.steps == script.TRAINING[name][3]["steps"]
+            assert not args.vae_decoder_only
+            if name == "vae":  # the shaped latents the decoder relies on
+                assert args.vae_mask_weight > 0 and args.vae_smooth_weight > 0
 
 
 def test_evaluation_prompts_and_score():
