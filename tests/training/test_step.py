@@ -133,10 +133,11 @@ def test_bad_step_options_are_refused():
 
 def _close_trees(got, want):
     """Equal to float32 rounding: XLA fuses and orders the rematerialised backward pass differently, so
-    entries agree to 1e-5 relative, or to 1e-6 of the largest gradient (some gradients are zero up to
-    rounding, e.g. of a bias followed by a group norm)."""
+    entries agree to 1e-5 relative, or to 1e-5 of the largest gradient (some gradients are zero up to
+    rounding, e.g. of a bias followed by a group norm; on one CPU of ours two such entries of the UNet's
+    differed by 1.9e-6 of the largest gradient, so 1e-6 was too tight)."""
     scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(want))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale), got, want)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale), got, want)
 
 
 def test_remat_changes_no_number(fast_compile):
