@@ -6,7 +6,8 @@ Every training stage runs `unclip-jax train OBJECTIVE` (issue 17's machinery; th
 objectives were added for this model). The shipped weights came from one run of this script with the
 step counts below on this project's 2-core CPU machine: at most 6,643 s (111 min) in all, within issue 18's
 2 hours (WORK/timings.json has each stage's seconds; the decoder and depth stages ran in legs continued with
---resume, which resumes bit-exactly, and two legs shared the cores: unclip_jax/toy/README.md). `--scale 0.002` is a smoke run of every stage in ~6 minutes.
+--resume, which resumes bit-exactly, and two legs shared the cores: unclip_jax/toy/README.md).
+`--scale 0.002` is a smoke run of every stage in ~6 minutes.
 
 Stages (each resumable: a stage whose output exists is skipped; `--only` runs the named ones):
 
@@ -69,7 +70,7 @@ COMMON_FLAGS = ["--resolution", "64", "--center-crop", "--lr-scheduler", "consta
                 "--ema-decay", "0.999", "--ema-warmup",
                 "--save-every", "500", "--validation-prompt", "a red circle on a blue background"]
 # Per stage: conditioning dropout for classifier-free guidance; the prior's target embedding comes from
-# the image encoder in the same folder ({stage} is WORK/stage); the clip stage's fixed temperature, the
+# the image encoder in the same folder ({stage} is WORK/stage); the clip stage's sharp starting temperature, the
 # decoder's min-SNR weighting over cached latents, the depth decoder's noise offset (it must learn to
 # change a picture's mean colour).
 FLAGS = {"clip": ["--image-encoder", "{stage}/unclip", "--logit-scale", "4.6"],
