@@ -122,10 +122,7 @@ def training_arguments(name: str, work: str, seed: int) -> list[str]:
 
 
 def stage_training(name: str, work: str, seed: int, dry_run: bool) -> None:
-    folder, _, trains, spec = TRAINING[name]
-    if spec["steps"] == 0:
-        print(f"{name}: no steps in this schedule", flush=True)
-        return
+    folder, _, trains, _ = TRAINING[name]
     out = os.path.join(work, "runs", name)
     cmd = [sys.executable, "-m", "unclip_jax.cli", *training_arguments(name, work, seed)]
     if os.path.isdir(out):
@@ -252,11 +249,10 @@ def main(argv=None) -> int:
     stages = args.only or STAGES
     if args.scale != 1.0:
         for spec in TRAINING.values():
-            if spec[3]["steps"]:
-                spec[3]["steps"] = max(2, round(spec[3]["steps"] * args.scale))
+            spec[3]["steps"] = max(2, round(spec[3]["steps"] * args.scale))
         for spec in DATASETS.values():
             spec["count"] = max(64, round(spec["count"] * args.scale))
-    needed = {s for s in stages if s in TRAINING and TRAINING[s][3]["steps"]}
+    needed = {s for s in stages if s in TRAINING}
     if needed and not args.dry_run:
         missing = sorted(needed - train_objectives())
         if missing:
