@@ -4,9 +4,10 @@
 
 Every training stage runs `unclip-jax train OBJECTIVE` (issue 17's machinery; the `vae` and `dpt`
 objectives were added for this model). The shipped weights came from one run of this script with the
-step counts below on this project's 2-core CPU machine: at most 6,643 s (111 min) in all, within issue 18's
+step counts below on this project's 2-core CPU machine: at most 6,984 s (116 min) in all, within issue 18's
 2 hours (WORK/timings.json has each stage's seconds; the decoder and depth stages ran in legs continued with
---resume, which resumes bit-exactly, and two legs shared the cores: unclip_jax/toy/README.md).
+--resume, which resumes bit-exactly, and two legs shared the cores; the variation stage was added after
+the others had run, and continued the same working folder: unclip_jax/toy/README.md).
 `--scale 0.002` is a smoke run of every stage in ~6 minutes.
 
 Stages (each resumable: a stage whose output exists is skipped; `--only` runs the named ones):
@@ -22,12 +23,15 @@ Stages (each resumable: a stage whose output exists is skipped; `--only` runs th
   vae       the VAE on the shapes, its latents shaped; then their scaling factor (1 / std)
   prior     the prior on the shapes (CLIP text -> CLIP image embedding)
   decoder   the unCLIP decoder on the shapes (noise-augmented image embedding + text)
+  variation the decoder again (objective `decoder`, WORK/runs/variation), with text dropout 0.5: with no
+            prompt, as variations are sampled, it has only the image embedding
   dpt       the DPT on the depth scenes
   depth     the 5-channel depth decoder on the depth scenes, depth from the data's maps
   export    WORK/export: exactly what the package ships in unclip_jax/toy/weights (unclip_jax.toy.default):
             fp16 WORK/stage/unclip (with the variation pipeline's image encoder) and WORK/stage/depth2img
             without their tokenizer folders (rebuilt from the package's BPE on first use; checked equal
-            here), and manifest.json; sizes in WORK/export_sizes.json. --ship copies it into the checkout
+            here), and manifest.json; sizes in WORK/export_sizes.json. --ship copies it into the checkout,
+            keeping the shipped files of components that did not change (`keep_unchanged_components`)
 
 After each training stage the components it trained are copied from its `OUT/final` into the working
 folders WORK/stage/{unclip,depth2img} (`adopt`), so each stage starts from everything trained before it.
@@ -58,10 +62,15 @@ TRAINING = {
     "vae": ("unclip", "shapes", ("vae",), dict(steps=1600, batch_size=16, learning_rate=1e-3)),
     "prior": ("unclip", "shapes", ("prior",), dict(steps=1000, batch_size=128, learning_rate=5e-4)),
     "decoder": ("unclip", "shapes", ("unet",), dict(steps=14400, batch_size=16, learning_rate=1e-3)),
+    # The decoder again, with the text dropped from half the batch: it learns to draw the picture from the
+    # image embedding alone, as `unclip-jax variation` asks it to (no prompt).
+    "variation": ("unclip", "shapes", ("unet",), dict(steps=1600, batch_size=16, learning_rate=1e-3)),
     "dpt": ("depth2img", "depth", ("depth_estimator",), dict(steps=600, batch_size=32, learning_rate=1e-3)),
     "depth": ("depth2img", "depth", ("unet",), dict(steps=1400, batch_size=64, learning_rate=1e-3)),
 }
-STAGES = ("data", "init", "clip", "stats", "vae", "prior", "decoder", "dpt", "depth", "export")
+STAGES = ("data", "init", "clip", "stats", "vae", "prior", "decoder", "variation", "dpt", "depth", "export")
+# The `unclip-jax train` objective of a stage not named after its objective.
+OBJECTIVE = {"variation": "decoder"}
 DATASETS = {"shapes": dict(count=16384, depth=False), "depth": dict(count=4096, depth=True),
             "heldout": dict(count=512, depth=False, held_out=True)}
 # Flags of every training stage: a short warm-up, and an EMA that follows a short run (the default decay
@@ -78,6 +87,8 @@ FLAGS = {"clip": ["--image-encoder", "{stage}/unclip", "--logit-scale", "4.6"],
          "prior": ["--image-encoder", "{stage}/unclip", "--text-dropout", "0.1"],
          "decoder": ["--text-dropout", "0.1", "--image-dropout", "0.1", "--noise-level", "0", "300",
                      "--snr-gamma", "5", "--cache-latents"],
+         "variation": ["--text-dropout", "0.5", "--image-dropout", "0.1", "--noise-level", "0", "300",
+                       "--snr-gamma", "5", "--cache-latents"],
          "dpt": ["--depth-column", "depth_file_name"],
          "depth": ["--text-dropout", "0.1", "--depth-column", "depth_file_name", "--noise-offset", "0.1"]}
 
@@ -113,7 +124,7 @@ def stage_data(work: str, seed: int) -> None:
 def training_arguments(name: str, work: str, seed: int) -> list[str]:
     """The `unclip-jax` arguments of training stage `name` (without --resume)."""
     folder, data, _, args = TRAINING[name]
-    return ["train", name, "--model", os.path.join(work, "stage", folder),
+    return ["train", OBJECTIVE.get(name, name), "--model", os.path.join(work, "stage", folder),
             "--data", os.path.join(work, "data", data),
             "--out", os.path.join(work, "runs", name), "--steps", str(args["steps"]),
             "--batch-size", str(args["batch_size"]), "--learning-rate", str(args["learning_rate"]),
@@ -187,7 +198,7 @@ def stage_export(work: str, ship_to: str | None = None) -> None:
     import jax.numpy as jnp
 
     import unclip_jax as uj
-    from unclip_jax.toy.default import MANIFEST, NAMES, ship
+    from unclip_jax.toy.default import MANIFEST, NAMES, manifest, ship
 
     out, full = os.path.join(work, "export"), os.path.join(work, "export.full")
     shutil.rmtree(out, ignore_errors=True)
@@ -215,6 +226,13 @@ def stage_export(work: str, ship_to: str | None = None) -> None:
     shutil.rmtree(variation)
     sizes = ship(full, out)
     shutil.rmtree(full)
+    if ship_to is not None and os.path.isfile(os.path.join(ship_to, MANIFEST)):
+        kept = keep_unchanged_components(out, ship_to)
+        if kept:
+            print(f"export: {len(kept)} component(s) unchanged, their shipped files kept: {', '.join(kept)}",
+                  flush=True)
+            folders = manifest(out)["folders"]
+            sizes = {name: sum(size for size, _ in folders[name]["files"].values()) for name in NAMES}
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     print("export: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items())
           + f"; {out} in all {total / 1e6:.2f} MB (the package's limit: 25 MB)", flush=True)
@@ -232,6 +250,51 @@ def stage_export(work: str, ship_to: str | None = None) -> None:
             shutil.copytree(os.path.join(out, name), os.path.join(ship_to, name))
         shutil.copy2(os.path.join(out, MANIFEST), os.path.join(ship_to, MANIFEST))  # last: the folders are whole
         print(f"export: copied into {ship_to}", flush=True)
+
+
+def _same_component(a: str, b: str) -> bool:
+    """Whether component folders `a` and `b` hold the same params (values, dtypes, tree) and the same other
+    files (configs), whatever names orbax gave the params' files."""
+    import jax
+    import numpy as np
+
+    from unclip_jax.weights.orbax_io import ORBAX_DIR, restore_params
+
+    def others(folder):
+        return {os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs
+                if ORBAX_DIR not in os.path.relpath(d, folder).split(os.sep)}
+
+    if not os.path.isdir(os.path.join(b, ORBAX_DIR)) or others(a) != others(b):
+        return False
+    for rel in others(a):
+        with open(os.path.join(a, rel), "rb") as fa, open(os.path.join(b, rel), "rb") as fb:
+            if fa.read() != fb.read():
+                return False
+    pa, pb = restore_params(os.path.join(a, ORBAX_DIR)), restore_params(os.path.join(b, ORBAX_DIR))
+    la, ta = jax.tree.flatten(pa)
+    lb, tb = jax.tree.flatten(pb)
+    return ta == tb and all(x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def keep_unchanged_components(out: str, shipped: str) -> list[str]:
+    """In export folder `out`, replaces each component whose params and configs equal those already in
+    `shipped` (the checkout's unclip_jax/toy/weights) with the shipped files, and rewrites out's manifest.
+    orbax names its files at random, so a re-export of unchanged weights would otherwise change every
+    file; this way a re-ship commits only what was retrained. Returns the kept components (folder/name)."""
+    from unclip_jax.toy.default import NAMES, folder_entry, manifest, write_manifest
+    from unclip_jax.weights.orbax_io import ORBAX_DIR
+
+    entries, kept = manifest(out)["folders"], []
+    for name in NAMES:
+        for component in sorted(os.listdir(os.path.join(out, name))):
+            new, old = os.path.join(out, name, component), os.path.join(shipped, name, component)
+            if os.path.isdir(os.path.join(new, ORBAX_DIR)) and _same_component(new, old):
+                shutil.rmtree(new)
+                shutil.copytree(old, new)
+                kept.append(f"{name}/{component}")
+        entries[name] = folder_entry(os.path.join(out, name), entries[name]["tokenizers"])
+    write_manifest(out, entries)
+    return kept
 
 
 def main(argv=None) -> int:
@@ -252,7 +315,7 @@ def main(argv=None) -> int:
             spec[3]["steps"] = max(2, round(spec[3]["steps"] * args.scale))
         for spec in DATASETS.values():
             spec["count"] = max(64, round(spec["count"] * args.scale))
-    needed = {s for s in stages if s in TRAINING}
+    needed = {OBJECTIVE.get(s, s) for s in stages if s in TRAINING}
     if needed and not args.dry_run:
         missing = sorted(needed - train_objectives())
         if missing:
@@ -282,6 +345,8 @@ def main(argv=None) -> int:
                              if args.ship else None)
         else:
             stage_training(stage, work, args.seed, args.dry_run)
+        if args.dry_run:
+            continue
         timings[stage] = round(time.time() - start, 1)
         print(f"{stage}: {timings[stage]} s", flush=True)
         with open(timings_path + ".tmp", "w") as f:

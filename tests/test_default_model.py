@@ -10,7 +10,7 @@ the tests run on a subset, with `unclip_jax.toy.evaluate`'s sampling settings (D
 - txt2img and the embedding decode: `evaluate.test_combos()`, 50 of the 270 palette combinations: all 10
   held-out ones plus a fixed seeded sample of 40 others (`python -m unclip_jax.toy.evaluate --full`
   gives the numbers over all 270);
-- variations: 16 drawn pictures of combinations of that subset; depth2img: 16 drawn depth scenes (half
+- variations: 48 drawn pictures of combinations of that subset; depth2img: 16 drawn depth scenes (half
   of held-out combinations), each prompted with two other colours.
 
 Thresholds: the issue's (colours >= 90%, shape >= 80%, variations keep shape and colours >= 80% at
@@ -134,14 +134,6 @@ def test_txt2img_colors(results):
                                       + _wrong(r)
 
 
-# A criterion the shipped model does not meet yet (issue 18 stays open for it). strict: a model that meets
-# it turns its test into a failure until the mark is removed.
-NOT_YET = pytest.mark.xfail(strict=True, reason=(
-    "issue 18 open: with no prompt the shipped decoder keeps the colours but often not the shape of the "
-    "picture (kept in 9 of 16; triangles become circles): it takes the shape from the text more than from the "
-    "image embedding (toy README)"))
-
-
 def test_txt2img_shape(results):
     r = results["txt2img"]
     assert r["shape"] >= SHAPE_MIN, f"shape right in {r['shape']:.0%} (held-out {r['held_out_shape']:.0%}): " \
@@ -155,7 +147,6 @@ def test_prior_matters(results):
             f"{k}: txt2img {t[k]:.0%} vs decoding drawn pictures' CLIP embeddings {e[k]:.0%}"
 
 
-@NOT_YET
 def test_variation_keeps_shape_and_colors(results):
     r = results["variation"]
     bad = [f"{p['want']} -> {p['got']}" for p in r["per_picture"] if not p["kept"]]

@@ -182,6 +182,26 @@ def test_cli_without_model_names_missing_weights(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@shipped
+def test_commands_sample_the_default_model_with_its_own_guidance():
+    """Without --model each generating command takes the default model's guidance for that command
+    (toy.default.SAMPLING); a --guidance flag wins."""
+    from unclip_jax.cli import common, parser
+
+    runs = {"txt2img": ["txt2img", "a red circle on a blue background"],
+            "variation": ["variation", "--image", "picture.png"],
+            "depth2img": ["depth2img", "a red circle on a blue background", "--image", "picture.png"]}
+    for command, argv in runs.items():
+        args = parser().parse_args([*argv, "--out", "out"])
+        common.check_model_folder(args)
+        assert args.guidance == default.SAMPLING[command]["guidance"], command
+        if command == "txt2img":
+            assert args.prior_guidance == default.SAMPLING[command]["prior_guidance"]
+        args = parser().parse_args([*argv, "--out", "out", "--guidance", "3"])
+        common.check_model_folder(args)
+        assert args.guidance == 3.0, command
+
+
 def test_cache_dir_follows_the_cache_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("UNCLIP_JAX_CACHE_DIR", str(tmp_path / "c"))
     assert default.cache_dir() == str(tmp_path / "c" / "default-model")

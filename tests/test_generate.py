@@ -390,8 +390,9 @@ def test_defaults_follow_the_default_model_or_the_pipeline():
         return defaults_of(parser().parse_args(["generate", "p.txt", "--out", "o", *extra]))
 
     own = parsed()
-    assert (own["guidance_scale"], own["prior_guidance_scale"]) == (SAMPLING["unclip"]["guidance"],
-                                                                    SAMPLING["unclip"]["prior_guidance"])
+    assert (own["guidance_scale"], own["prior_guidance_scale"]) == (SAMPLING["txt2img"]["guidance"],
+                                                                    SAMPLING["txt2img"]["prior_guidance"])
+    assert parsed("--pipeline", "variation")["guidance_scale"] == SAMPLING["variation"]["guidance"]
     assert parsed("--pipeline", "depth2img")["guidance_scale"] == SAMPLING["depth2img"]["guidance"]
     other = parsed("--model", "m")
     assert (other["guidance_scale"], other["prior_guidance_scale"]) == (10.0, 4.0)

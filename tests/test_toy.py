@@ -321,9 +321,13 @@ def test_training_script_commands(tmp_path, capsys):
     assert script.main(["--work", str(tmp_path), "--dry-run"]) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
     run = list(script.TRAINING)
-    # "$ python -m unclip_jax.cli train OBJECTIVE": every training stage, in order
-    assert [line.split()[5] for line in printed] == run == ["clip", "vae", "prior", "decoder", "dpt", "depth"]
-    assert not os.path.exists(tmp_path / "data")  # a dry run writes nothing but timings.json
+    assert run == ["clip", "vae", "prior", "decoder", "variation", "dpt", "depth"]
+    objectives = [script.OBJECTIVE.get(name, name) for name in run]
+    # "$ python -m unclip_jax.cli train OBJECTIVE ... --out WORK/runs/STAGE": every training stage, in order
+    assert [line.split()[5] for line in printed] == objectives
+    assert [line.split()[line.split().index("--out") + 1] for line in printed] == \
+        [str(tmp_path / "runs" / name) for name in run]
+    assert os.listdir(tmp_path) == []  # a dry run writes nothing
     # Every stage's arguments parse with the CLI's own parser, for the objectives it offers.
     from unclip_jax import cli
 
@@ -334,13 +338,15 @@ def test_training_script_commands(tmp_path, capsys):
     if "train" not in commands:
         pytest.skip("no `unclip-jax train` command yet")
     offered = set(next(a for a in commands["train"]._actions if a.dest == "objective").choices)
-    for name in run:
-        if name in offered:
+    for name, objective in zip(run, objectives):
+        if objective in offered:
             args = parser.parse_args(script.training_arguments(name, str(tmp_path), 0))
-            assert args.objective == name and args.steps == script.TRAINING[name][3]["steps"]
+            assert args.objective == objective and args.steps == script.TRAINING[name][3]["steps"]
             assert not args.vae_decoder_only
             if name == "vae":  # the shaped latents the decoder relies on
                 assert args.vae_mask_weight > 0 and args.vae_smooth_weight > 0
+            if name == "variation":  # the decoder again, mostly without its text
+                assert args.text_dropout == 0.5
 
 
 def test_evaluation_prompts_and_score():
@@ -358,3 +364,53 @@ def test_evaluation_prompts_and_score():
     assert got["colors"] == 0.0 and got["shape"] == 1.0
     with pytest.raises(ValueError, match="one combination per picture"):
         measure.score(images, combos[:-1])
+
+
+def test_reship_keeps_unchanged_components(tmp_path, monkeypatch):
+    """A re-export into a checkout that already ships a model keeps the shipped files of every component
+    whose params and configs are unchanged (orbax names files at random), takes the retrained ones, and
+    writes a manifest that materialises."""
+    from unclip_jax.toy import default
+    from unclip_jax.weights.orbax_io import save_params
+
+    script = _training_script()
+    rng = np.random.default_rng(0)
+    params = {name: {c: {"w": rng.normal(size=(3, 4)).astype(np.float16), "b": np.zeros(4, np.float16)}
+                     for c in ("unet", "vae")} for name in default.NAMES}
+
+    def full(root, params, vae_config=16):
+        for name in default.NAMES:
+            (root / name).mkdir(parents=True)
+            (root / name / "model_index.json").write_text(json.dumps({"_class_name": "StableUnCLIPPipeline"}))
+            for c, tree in params[name].items():
+                (root / name / c).mkdir()
+                (root / name / c / "config.json").write_text(json.dumps({"size": vae_config if c == "vae" else 1}))
+                save_params(str(root / name / c / "orbax_params"), tree)
+        return str(root)
+
+    default.ship(full(tmp_path / "a", params), str(tmp_path / "shipped"))
+    retrained = {name: dict(trees) for name, trees in params.items()}
+    retrained["unclip"]["unet"] = {"w": params["unclip"]["unet"]["w"] + np.float16(1), "b": params["unclip"]["unet"]["b"]}
+    default.ship(full(tmp_path / "b", retrained), str(tmp_path / "out"))
+    out, shipped = tmp_path / "out", tmp_path / "shipped"
+
+    def files(folder):
+        return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+                for d, _, fs in os.walk(folder) for f in fs}
+
+    assert files(out / "unclip" / "vae") != files(shipped / "unclip" / "vae")  # orbax's names differ
+    kept = script.keep_unchanged_components(str(out), str(shipped))
+    assert sorted(kept) == ["depth2img/unet", "depth2img/vae", "unclip/vae"]
+    for component in kept:
+        assert files(out / component) == files(shipped / component)
+    assert files(out / "unclip" / "unet") != files(shipped / "unclip" / "unet")
+    entries = default.manifest(str(out))["folders"]
+    assert entries["depth2img"] == default.manifest(str(shipped))["folders"]["depth2img"]
+    for name in default.NAMES:
+        assert entries[name] == default.folder_entry(str(out / name), entries[name]["tokenizers"])
+        monkeypatch.setenv("UNCLIP_JAX_CACHE_DIR", str(tmp_path / "cache"))
+        default.pipeline_folder(name, str(out))  # every file's sha256 checked against the manifest
+    # A changed config is a changed component, even with the same params.
+    default.ship(full(tmp_path / "c", params, vae_config=32), str(tmp_path / "out2"))
+    assert sorted(script.keep_unchanged_components(str(tmp_path / "out2"), str(shipped))) == \
+        ["depth2img/unet", "unclip/unet"]

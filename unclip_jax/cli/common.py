@@ -78,7 +78,7 @@ def check_model_folder(args) -> None:
 
     settings = getattr(args, "model_guidance", {})
     if args.model is None:
-        settings = {k: v for k, v in default.SAMPLING[DEFAULT_MODELS[args.command]].items() if k in settings}
+        settings = {k: v for k, v in default.SAMPLING[args.command].items() if k in settings}
     for key, value in settings.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

@@ -91,7 +91,7 @@ def generation_parser(sub, name: str, help_: str, description: str, examples: st
     p.set_defaults(model_guidance={"guidance": guidance})
     s.add_argument("--guidance", type=float, default=None, metavar="SCALE",
                    help=f"classifier-free guidance scale; <= 1 turns guidance off (default {guidance:g}; "
-                        f"the default model: {SAMPLING[default_model]['guidance']:g})")
+                        f"the default model: {SAMPLING[name]['guidance']:g})")
     s.add_argument("--scheduler", default=None, metavar="NAME",
                    help="decoder scheduler, built from the checkpoint's scheduler config as diffusers' "
                         "from_config does (names below; default: the checkpoint's)")

@@ -110,7 +110,7 @@ def defaults_of(args) -> dict:
     if args.model is None:  # the shipped default model samples with its own guidance, as txt2img & co do
         from unclip_jax.toy.default import SAMPLING  # noqa: PLC0415
 
-        own = SAMPLING["depth2img" if args.pipeline == "depth2img" else "unclip"]
+        own = SAMPLING[args.pipeline]
         guidance, prior_guidance = own["guidance"], own.get("prior_guidance", prior_guidance)
     return {
         "num_inference_steps": args.steps or steps,

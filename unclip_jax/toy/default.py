@@ -40,10 +40,13 @@ from unclip_jax.files import file_sha256  # standard library only
 NAMES = ("unclip", "depth2img")
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 MANIFEST = "manifest.json"
-# Sampling settings for the default model where the commands' defaults (those of the real checkpoints) do
-# not suit it: guidance measured with unclip_jax.toy.evaluate on the shipped weights (decoder guidance
-# 10 -> 2 and prior guidance 4 -> 2 raised the colours right from 68% to 94% of the tests' 50 prompts).
-SAMPLING = {"unclip": {"guidance": 2.0, "prior_guidance": 2.0}, "depth2img": {"guidance": 7.5}}
+# Sampling settings of the default model, per command, where the commands' defaults (those of the real
+# checkpoints) do not suit it: guidance measured with unclip_jax.toy.evaluate on the shipped weights.
+# txt2img: decoder guidance 10 -> 2 and prior guidance 4 -> 2 raised the colours right from 68% to 94% of
+# the tests' 50 prompts (the first model). variation: of 96 variations without a prompt, guidance 3 keeps
+# the picture's shape and colours in 80, guidance 1 / 2 / 4 in 65 / 78 / 73 (toy README).
+SAMPLING = {"txt2img": {"guidance": 2.0, "prior_guidance": 2.0}, "variation": {"guidance": 3.0},
+            "depth2img": {"guidance": 7.5}}
 # Bump when the materialised folder's content changes for the same shipped files (e.g. how tokenizers are
 # written): it is part of the cache folder's name.
 LAYOUT_VERSION = 1
@@ -217,16 +220,28 @@ def ship(source: str, out: str, probe: list[str] | None = None) -> dict[str, int
             tokenizers = {k: _tokenizer_spec(os.path.join(src, k), probe) for k, v in index.items()
                           if isinstance(v, list) and len(v) == 2 and v[1] in _TOKENIZER_CLASSES}
             shutil.copytree(src, os.path.join(tmp, name), ignore=lambda d, _: [] if d != src else list(tokenizers))
-            files = {}
-            for root, _, names in os.walk(os.path.join(tmp, name)):
-                for fname in names:
-                    path = os.path.join(root, fname)
-                    rel = os.path.relpath(path, os.path.join(tmp, name)).replace(os.sep, "/")
-                    files[rel] = [os.path.getsize(path), file_sha256(path)]
-            files = dict(sorted(files.items()))
-            digest = hashlib.sha256(json.dumps([files, tokenizers], sort_keys=True).encode()).hexdigest()
-            folders[name] = {"digest": digest, "tokenizers": tokenizers, "files": files}
-            sizes[name] = sum(size for size, _ in files.values())
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump({"format": 1, "folders": folders}, f, indent=1)
+            folders[name] = folder_entry(os.path.join(tmp, name), tokenizers)
+            sizes[name] = sum(size for size, _ in folders[name]["files"].values())
+        write_manifest(tmp, folders)
     return sizes
+
+
+def folder_entry(folder: str, tokenizers: dict) -> dict:
+    """The manifest's entry of shipped folder `folder` whose tokenizer folders `tokenizers` are rebuilt:
+    every file's size and sha256, and the digest of both (which names the materialised cache folder)."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for fname in names:
+            path = os.path.join(root, fname)
+            files[os.path.relpath(path, folder).replace(os.sep, "/")] = [os.path.getsize(path), file_sha256(path)]
+    files = dict(sorted(files.items()))
+    digest = hashlib.sha256(json.dumps([files, tokenizers], sort_keys=True).encode()).hexdigest()
+    return {"digest": digest, "tokenizers": tokenizers, "files": files}
+
+
+def write_manifest(weights: str, folders: dict) -> None:
+    """Writes WEIGHTS/manifest.json naming `folders` ({name: folder_entry(...)}), beside itself first."""
+    path = os.path.join(weights, MANIFEST)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"format": 1, "folders": folders}, f, indent=1)
+    os.replace(path + ".tmp", path)

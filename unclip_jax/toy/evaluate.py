@@ -34,10 +34,11 @@ Sampling settings are module constants (fast ones: a DDIM decoder of 20 steps as
 (toy.default.SAMPLING); depth2img 25 PNDM steps at strength 0.8, 20 of them run). `test_combos` is the tests' stratified subset: every held-out combination
 and a fixed seeded sample of the others.
 
-Command line: `python -m unclip_jax.toy.evaluate [--folder DIR] [--full] [--grid PNG]` prints every number
-as JSON (DIR holds `unclip/` and `depth2img/`; default: the shipped default model); `--full` scores all
-270 combinations instead of the tests' subset; `--grid` writes a PNG of txt2img samples (their prompts,
-row-major, are in the JSON); `--probe` adds `denoise_probe` and `clip_probe`.
+Command line: `python -m unclip_jax.toy.evaluate [--folder DIR] [--full] [--grid PNG] [--variation-grid PNG]`
+prints every number as JSON (DIR holds `unclip/` and `depth2img/`; default: the shipped default model);
+`--full` scores all 270 combinations instead of the tests' subset; `--grid` writes a PNG of txt2img
+samples (their prompts, row-major, are in the JSON), `--variation-grid` one of 16 variations (spread over them) beside
+their inputs; `--probe` adds `denoise_probe` and `clip_probe`.
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ SEED = 0
 DECODER_STEPS = 20  # DDIM, as the txt2img / variation commands default to
 PRIOR_STEPS = 25  # DDPM over a 25-step subsequence, the pipeline's default
 # Guidance: the default model's settings, which the commands use with it (toy.default.SAMPLING).
-GUIDANCE = SAMPLING["unclip"]["guidance"]
-PRIOR_GUIDANCE = SAMPLING["unclip"]["prior_guidance"]
+GUIDANCE = SAMPLING["txt2img"]["guidance"]
+PRIOR_GUIDANCE = SAMPLING["txt2img"]["prior_guidance"]
+VARIATION_GUIDANCE = SAMPLING["variation"]["guidance"]
 NOISE_LEVEL = 0
 DEPTH_STEPS = 25  # PNDM; int(25 * 0.8) = 20 steps are run
 DEPTH_STRENGTH = 0.8  # the pipeline's and the depth2img command's default
@@ -307,20 +309,30 @@ def _box_change(before, after) -> tuple[float, float]:
     return shift, float(max(abs((b1 - t1) - (b0 - t0)), abs((r1 - l1) - (r0 - l0))))
 
 
-def variation(pipe, params, pictures, *, noise_level: int = NOISE_LEVEL, seed: int = SEED,
-              steps: int = DECODER_STEPS, guidance: float = GUIDANCE, batch_size: int = BATCH_SIZE) -> dict[str, Any]:
-    """Variations (StableUnCLIPImg2ImgPipeline `pipe`, no prompt, as `unclip-jax variation`) of
-    pictures [N, H, W, 3]. What to keep is measured on each input (`measure.measure`; exact on drawn
-    pictures' colours, >= 99% on their shapes).
+def variation_images(pipe, params, pictures, *, noise_level: int = NOISE_LEVEL, seed: int = SEED,
+                     steps: int = DECODER_STEPS, guidance: float = VARIATION_GUIDANCE,
+                     batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """Variations [N, H, W, 3] in [0, 1] (StableUnCLIPImg2ImgPipeline `pipe`, no prompt, as
+    `unclip-jax variation`) of pictures [N, H, W, 3] (uint8)."""
+    pictures = np.asarray(pictures)
+    return _run(lambda idx, key: pipe(pictures[idx], prompt=[""] * len(idx), params=params, key=key,
+                                      num_inference_steps=steps, guidance_scale=guidance, noise_level=noise_level,
+                                      output_type="np").images,
+                len(pictures), batch_size, seed)
+
+
+def variation(pipe, params, pictures, **kwargs) -> dict[str, Any]:
+    """`score_variations` of `variation_images(pipe, params, pictures, **kwargs)`."""
+    return score_variations(pictures, variation_images(pipe, params, pictures, **kwargs))
+
+
+def score_variations(pictures, images) -> dict[str, Any]:
+    """What variations `images` kept of `pictures` (both [N, H, W, 3]). What to keep is measured on each
+    input (`measure.measure`; exact on drawn pictures' colours, >= 99% on their shapes).
 
     "kept": the fraction whose shape class and both colours equal the input's; "moved": the fraction
     whose shape's bounding box centre moved, or height or width changed, by more than MOVE_PX pixels;
     "kept_and_moved": both; "per_picture": the measures."""
-    pictures = np.asarray(pictures)
-    images = _run(lambda idx, key: pipe(pictures[idx], prompt=[""] * len(idx), params=params, key=key,
-                                        num_inference_steps=steps, guidance_scale=guidance, noise_level=noise_level,
-                                        output_type="np").images,
-                  len(pictures), batch_size, seed)
     per = []
     for before, after in zip(pictures, images):
         a, b = measure.measure(before), measure.measure(after)
@@ -423,20 +435,22 @@ def load(unclip: str, depth2img: str):
             "depth2img": uj.StableDiffusionDepth2ImgPipeline.from_pretrained(depth2img)}
 
 
-def evaluate(pipes, combos, *, n_variations: int = 16, n_scenes: int = 16, seed: int = SEED
-             ) -> tuple[dict[str, Any], np.ndarray]:
-    """(every number: {"txt2img", "embedding_decode", "prior_gap", "variation", "depth2img"}, the txt2img
-    pictures [N, H, W, 3]) for `load`'s pipelines and the combinations to prompt."""
+def evaluate(pipes, combos, *, n_variations: int = 48, n_scenes: int = 16, seed: int = SEED
+             ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(every number: {"txt2img", "embedding_decode", "prior_gap", "variation", "depth2img"}, pictures:
+    {"txt2img": [N, H, W, 3] in [0, 1], "variation_inputs": uint8 [V, H, W, 3], "variations": [V, H, W, 3]
+    in [0, 1]}) for `load`'s pipelines and the combinations to prompt."""
     images = txt2img_images(*pipes["txt2img"], combos, seed=seed)
     t2i = scored(images, combos)
     emb = embedding_decode(*pipes["img2img"], combos, seed=seed)
     var_combos = [combos[i] for i in np.linspace(0, len(combos) - 1, n_variations).astype(int)]
     pictures = np.stack([drawn_picture(c, i, seed) for i, c in enumerate(var_combos)])
+    variations = variation_images(*pipes["img2img"], pictures, seed=seed)
     out = {"txt2img": t2i, "embedding_decode": emb,
            "prior_gap": {k: t2i[k] - emb[k] for k in ("colors", "shape", "all")},
-           "variation": variation(*pipes["img2img"], pictures, seed=seed),
+           "variation": score_variations(pictures, variations),
            "depth2img": depth2img(*pipes["depth2img"], depth_scenes(n_scenes, seed), seed=seed)}
-    return out, images
+    return out, {"txt2img": images, "variation_inputs": pictures, "variations": variations}
 
 
 def write_sample_grid(images: np.ndarray, path: str, columns: int = 8) -> None:
@@ -457,6 +471,8 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help=f"all {len(domain.ALL_COMBOS)} combinations "
                    f"(default: the tests' {TEST_COMBOS})")
     p.add_argument("--grid", default=None, metavar="PNG", help="write a grid of txt2img samples here")
+    p.add_argument("--variation-grid", default=None, metavar="PNG",
+                   help="write 16 of the variations here (spread over them), each beside its input, 8 pairs a row")
     p.add_argument("--per-item", action="store_true", help="keep the per-picture measures in the JSON")
     p.add_argument("--probe", action="store_true",
                    help="also `denoise_probe`: shapes and colours of the decoder's one-step prediction from drawn "
@@ -474,18 +490,26 @@ def main(argv=None) -> int:
         pipes = load(*folders)
     except FileNotFoundError as e:
         p.error(str(e))
-    out, images = evaluate(pipes, combos)
+    out, pictures = evaluate(pipes, combos)
     if args.probe:
         out["denoise_probe"] = denoise_probe(*pipes["img2img"], combos)
         out["clip_probe"] = clip_probe(pipes, combos)
     out["settings"] = dict(folders=list(folders), combos=len(combos), seed=SEED, decoder_steps=DECODER_STEPS,
                            prior_steps=PRIOR_STEPS, guidance=GUIDANCE, prior_guidance=PRIOR_GUIDANCE,
-                           depth_steps=DEPTH_STEPS, depth_strength=DEPTH_STRENGTH, depth_guidance=DEPTH_GUIDANCE)
+                           variation_guidance=VARIATION_GUIDANCE, depth_steps=DEPTH_STEPS,
+                           depth_strength=DEPTH_STRENGTH, depth_guidance=DEPTH_GUIDANCE)
     if args.grid:
         pick = np.linspace(0, len(combos) - 1, min(24, len(combos))).astype(int)
-        write_sample_grid(images[pick], args.grid)
+        write_sample_grid(pictures["txt2img"][pick], args.grid)
         out["grid"] = dict(path=args.grid, columns=8,
                            prompts=[domain.canonical_caption(*combos[i]) for i in pick])
+    if args.variation_grid:
+        pick = np.linspace(0, len(pictures["variations"]) - 1, 16).astype(int)
+        inputs, variations = pictures["variation_inputs"][pick] / 255.0, pictures["variations"][pick]
+        write_sample_grid(np.stack([inputs, variations], 1).reshape(-1, *inputs.shape[1:]), args.variation_grid,
+                          columns=16)
+        out["variation_grid"] = dict(path=args.variation_grid, columns=16, layout="input, variation; 8 pairs a row",
+                                     kept=[out["variation"]["per_picture"][i]["kept"] for i in pick])
     if not args.per_item:
         for part in out.values():
             for k in ("per_combo", "per_picture", "per_scene"):
