@@ -10,7 +10,7 @@ the tests run on a subset, with `unclip_jax.toy.evaluate`'s sampling settings (D
 - txt2img and the embedding decode: `evaluate.test_combos()`, 50 of the 270 palette combinations: all 10
   held-out ones plus a fixed seeded sample of 40 others (`python -m unclip_jax.toy.evaluate --full`
   gives the numbers over all 270);
-- variations: 48 drawn pictures of combinations of that subset; depth2img: 16 drawn depth scenes (half
+- variations: 48 drawn pictures of combinations of that subset; depth2img: 48 drawn depth scenes (half
   of held-out combinations), each prompted with two other colours.
 
 Thresholds: the issue's (colours >= 90%, shape >= 80%, variations keep shape and colours >= 80% at

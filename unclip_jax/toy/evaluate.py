@@ -435,7 +435,7 @@ def load(unclip: str, depth2img: str):
             "depth2img": uj.StableDiffusionDepth2ImgPipeline.from_pretrained(depth2img)}
 
 
-def evaluate(pipes, combos, *, n_variations: int = 48, n_scenes: int = 16, seed: int = SEED
+def evaluate(pipes, combos, *, n_variations: int = 48, n_scenes: int = 48, seed: int = SEED
              ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(every number: {"txt2img", "embedding_decode", "prior_gap", "variation", "depth2img"}, pictures:
     {"txt2img": [N, H, W, 3] in [0, 1], "variation_inputs": uint8 [V, H, W, 3], "variations": [V, H, W, 3]
