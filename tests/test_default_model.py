@@ -112,9 +112,15 @@ def folders():
 
 
 @pytest.fixture(scope="module")
-def results(folders):
-    numbers, _ = evaluate.evaluate(evaluate.load(*folders), evaluate.test_combos())
-    return numbers
+def evaluation(folders):
+    """(pipelines, numbers, pictures) of `evaluate.evaluate` on the tests' subset."""
+    pipes = evaluate.load(*folders)
+    return (pipes, *evaluate.evaluate(pipes, evaluate.test_combos()))
+
+
+@pytest.fixture(scope="module")
+def results(evaluation):
+    return evaluation[1]
 
 
 def _wrong(result, key=None) -> str:
@@ -202,3 +208,26 @@ def test_clip_probe(folders):
     assert r["n"] == len(combos) == 25
     assert r["color"] >= COLORS_MIN and r["background"] >= COLORS_MIN, r
     assert 0.0 <= r["shape"] <= 1.0 and -1.0 <= r["shape_caption_cosine"] <= 1.0, r
+
+
+def test_pictures_of_the_evaluation(evaluation, tmp_path):
+    """`evaluate --grid / --variation-grid / --depth-grid`: what a person looks at, laid out as documented."""
+    from PIL import Image
+
+    pipes, numbers, pictures = evaluation
+    paths = {k: str(tmp_path / f"{k}.png") for k in ("txt2img", "variation", "depth")}
+    info = evaluate.write_grids(numbers, pictures, evaluate.test_combos(), pipes, **paths)
+    grids = {k: np.asarray(Image.open(p).convert("RGB")).astype(int) for k, p in paths.items()}
+    assert grids["txt2img"].shape == (3 * 64, 8 * 64, 3) and len(info["grid"]["prompts"]) == 24
+    assert grids["variation"].shape == (2 * 64, 16 * 64, 3) and len(info["variation_grid"]["kept"]) == 16
+    assert grids["depth"].shape == (3 * 64, 8 * 64, 3) and len(info["depth_grid"]["prompts"]) == 8
+    pick = np.linspace(0, len(pictures["depth_inputs"]) - 1, 8).astype(int)
+    for col, i in enumerate(pick):
+        cell = np.s_[:, col * 64:(col + 1) * 64]
+        assert np.abs(grids["depth"][:64][cell] - pictures["depth_inputs"][i]).max() <= 1  # inputs on top
+        assert np.abs(grids["depth"][128:][cell] - pictures["depth_outputs"][i] * 255).max() <= 1  # outputs below
+        depth_map = grids["depth"][64:128][cell]
+        assert depth_map.min() <= 1 and depth_map.max() >= 254 and (depth_map[..., 0] == depth_map[..., 2]).all()
+    first = np.linspace(0, len(pictures["variations"]) - 1, 16).astype(int)[0]
+    assert np.abs(grids["variation"][:64, :64] - pictures["variation_inputs"][first]).max() <= 1
+    assert np.abs(grids["variation"][:64, 64:128] - pictures["variations"][first] * 255).max() <= 1

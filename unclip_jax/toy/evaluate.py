@@ -31,14 +31,15 @@ its first rows, so every call has one shape and compiles once); batch b draws fr
 
 Sampling settings are module constants (fast ones: a DDIM decoder of 20 steps as the `txt2img` and
 `variation` commands use, a prior of 25 steps, the guidance the commands use with the default model
-(toy.default.SAMPLING); depth2img 25 PNDM steps at strength 0.8, 20 of them run). `test_combos` is the tests' stratified subset: every held-out combination
-and a fixed seeded sample of the others.
+(toy.default.SAMPLING); depth2img 25 PNDM steps at strength 0.8, 20 of them run). `test_combos` is the
+tests' stratified subset: every held-out combination and a fixed seeded sample of the others.
 
-Command line: `python -m unclip_jax.toy.evaluate [--folder DIR] [--full] [--grid PNG] [--variation-grid PNG]`
-prints every number as JSON (DIR holds `unclip/` and `depth2img/`; default: the shipped default model);
-`--full` scores all 270 combinations instead of the tests' subset; `--grid` writes a PNG of txt2img
-samples (their prompts, row-major, are in the JSON), `--variation-grid` one of 16 variations (spread over them) beside
-their inputs; `--probe` adds `denoise_probe` and `clip_probe`.
+Command line: `python -m unclip_jax.toy.evaluate [--folder DIR] [--full] [--grid PNG] [--variation-grid PNG]
+[--depth-grid PNG]` prints every number as JSON (DIR holds `unclip/` and `depth2img/`; default: the
+shipped default model); `--full` scores all 270 combinations instead of the tests' subset; `--grid` writes
+a PNG of txt2img samples (their prompts, row-major, are in the JSON), `--variation-grid` one of 16
+variations (spread over them) beside their inputs, `--depth-grid` one of 8 depth2img scenes (input, depth
+estimate, output); `--probe` adds `denoise_probe` and `clip_probe`.
 """
 
 from __future__ import annotations
@@ -364,18 +365,12 @@ def scene_regions(image, attrs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]
     return _core(nearest == attrs["color"]), _core(nearest == attrs["background"])
 
 
-def depth2img(pipe, params, scenes, *, seed: int = SEED, steps: int = DEPTH_STEPS, strength: float = DEPTH_STRENGTH,
-              guidance: float = DEPTH_GUIDANCE, batch_size: int = BATCH_SIZE) -> dict[str, Any]:
-    """StableDiffusionDepth2ImgPipeline (`pipe`) on depth scenes [(picture, drawn disparity, attributes)]
-    (`depth_scenes`), each prompted with its shapes in other colours (`other_colors`, `recolor_prompt`).
-
-    Depth: `pipe.estimate_depth` (the pipeline's own DPT, on the picture as the pipeline feeds it) on the
-    output and on the input; "depth_r_mean" / "depth_r_min": Pearson r of the two (the criterion);
-    "depth_r_truth_mean": r of the output's estimate with the drawn disparity (resized to the estimate's
-    size if they differ), and "dpt_r_truth_mean" of the input's estimate with it (how good the DPT is).
-    Colours: the output's median colour over the input's shape pixels and over its wall-and-ground pixels
-    (`scene_regions`), named by the nearest palette colour; "colors": the fraction where both are the
-    prompt's."""
+def depth2img_images(pipe, params, scenes, *, seed: int = SEED, steps: int = DEPTH_STEPS,
+                     strength: float = DEPTH_STRENGTH, guidance: float = DEPTH_GUIDANCE,
+                     batch_size: int = BATCH_SIZE) -> tuple[list[str], list[tuple[str, str]], np.ndarray]:
+    """(prompts, wanted (shape colour, background) per scene, outputs [N, H, W, 3] in [0, 1]) of
+    StableDiffusionDepth2ImgPipeline (`pipe`) on depth scenes [(picture, drawn disparity, attributes)]
+    (`depth_scenes`), each prompted with its shapes in other colours (`other_colors`, `recolor_prompt`)."""
     rng = np.random.default_rng([seed, _PICTURE_STREAM + 2])
     pictures = np.stack([s[0] for s in scenes])
     wanted = [other_colors(s[2], rng) for s in scenes]
@@ -384,6 +379,25 @@ def depth2img(pipe, params, scenes, *, seed: int = SEED, steps: int = DEPTH_STEP
                                         num_inference_steps=steps, strength=strength, guidance_scale=guidance,
                                         output_type="np").images,
                   len(prompts), batch_size, seed)
+    return prompts, wanted, images
+
+
+def depth2img(pipe, params, scenes, **kwargs) -> dict[str, Any]:
+    """`score_depth2img` of `depth2img_images(pipe, params, scenes, **kwargs)`."""
+    return score_depth2img(pipe, params, scenes, *depth2img_images(pipe, params, scenes, **kwargs))
+
+
+def score_depth2img(pipe, params, scenes, prompts, wanted, images) -> dict[str, Any]:
+    """What the depth pipeline `pipe`'s outputs `images` of `scenes` (`depth2img_images`) kept and took.
+
+    Depth: `pipe.estimate_depth` (the pipeline's own DPT, on the picture as the pipeline feeds it) on the
+    output and on the input; "depth_r_mean" / "depth_r_min": Pearson r of the two (the criterion);
+    "depth_r_truth_mean": r of the output's estimate with the drawn disparity (resized to the estimate's
+    size if they differ), and "dpt_r_truth_mean" of the input's estimate with it (how good the DPT is).
+    Colours: the output's median colour over the input's shape pixels and over its wall-and-ground pixels
+    (`scene_regions`), named by the nearest palette colour; "colors": the fraction where both are the
+    prompt's."""
+    pictures = np.stack([s[0] for s in scenes])
     est_in = np.asarray(pipe.estimate_depth(params, pictures))
     est_out = np.asarray(pipe.estimate_depth(params, images))
     per = []
@@ -439,18 +453,22 @@ def evaluate(pipes, combos, *, n_variations: int = 48, n_scenes: int = 48, seed:
              ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(every number: {"txt2img", "embedding_decode", "prior_gap", "variation", "depth2img"}, pictures:
     {"txt2img": [N, H, W, 3] in [0, 1], "variation_inputs": uint8 [V, H, W, 3], "variations": [V, H, W, 3]
-    in [0, 1]}) for `load`'s pipelines and the combinations to prompt."""
+    in [0, 1], "depth_inputs": uint8 [S, H, W, 3], "depth_outputs": [S, H, W, 3] in [0, 1]}) for `load`'s
+    pipelines and the combinations to prompt."""
     images = txt2img_images(*pipes["txt2img"], combos, seed=seed)
     t2i = scored(images, combos)
     emb = embedding_decode(*pipes["img2img"], combos, seed=seed)
     var_combos = [combos[i] for i in np.linspace(0, len(combos) - 1, n_variations).astype(int)]
     pictures = np.stack([drawn_picture(c, i, seed) for i, c in enumerate(var_combos)])
     variations = variation_images(*pipes["img2img"], pictures, seed=seed)
+    scenes = depth_scenes(n_scenes, seed)
+    prompts, wanted, depth_outputs = depth2img_images(*pipes["depth2img"], scenes, seed=seed)
     out = {"txt2img": t2i, "embedding_decode": emb,
            "prior_gap": {k: t2i[k] - emb[k] for k in ("colors", "shape", "all")},
            "variation": score_variations(pictures, variations),
-           "depth2img": depth2img(*pipes["depth2img"], depth_scenes(n_scenes, seed), seed=seed)}
-    return out, {"txt2img": images, "variation_inputs": pictures, "variations": variations}
+           "depth2img": score_depth2img(*pipes["depth2img"], scenes, prompts, wanted, depth_outputs)}
+    return out, {"txt2img": images, "variation_inputs": pictures, "variations": variations,
+                 "depth_inputs": np.stack([s[0] for s in scenes]), "depth_outputs": depth_outputs}
 
 
 def write_sample_grid(images: np.ndarray, path: str, columns: int = 8) -> None:
@@ -464,6 +482,38 @@ def write_sample_grid(images: np.ndarray, path: str, columns: int = 8) -> None:
     write_grid(grid.reshape(1, rows * h, columns * w, c), path)
 
 
+def write_grids(numbers: dict[str, Any], pictures: dict[str, np.ndarray], combos, pipes, *,
+                txt2img: str | None = None, variation: str | None = None, depth: str | None = None) -> dict:
+    """Writes the PNGs asked for from `evaluate`'s (numbers, pictures) of `combos` with `pipes`: `txt2img`,
+    24 txt2img samples (8 a row); `variation`, 16 variations each right of its input (8 pairs a row);
+    `depth`, 8 depth2img scenes: inputs, the pipeline's depth estimate of each (white = near), outputs, a row
+    each. Each picked evenly over its set. Returns {"grid" / "variation_grid" / "depth_grid": what each shows}."""
+    out = {}
+    if txt2img:
+        pick = np.linspace(0, len(combos) - 1, min(24, len(combos))).astype(int)
+        write_sample_grid(pictures["txt2img"][pick], txt2img)
+        out["grid"] = dict(path=txt2img, columns=8, prompts=[domain.canonical_caption(*combos[i]) for i in pick])
+    if variation:
+        pick = np.linspace(0, len(pictures["variations"]) - 1, 16).astype(int)
+        inputs, variations = pictures["variation_inputs"][pick] / 255.0, pictures["variations"][pick]
+        write_sample_grid(np.stack([inputs, variations], 1).reshape(-1, *inputs.shape[1:]), variation, columns=16)
+        out["variation_grid"] = dict(path=variation, columns=16, layout="input, variation; 8 pairs a row",
+                                     kept=[numbers["variation"]["per_picture"][i]["kept"] for i in pick])
+    if depth:
+        pick = np.linspace(0, len(pictures["depth_inputs"]) - 1, 8).astype(int)
+        inputs = pictures["depth_inputs"][pick]
+        pipe, params = pipes["depth2img"]
+        maps = []
+        for d in np.asarray(pipe.estimate_depth(params, inputs)):
+            d = _resized(d, inputs.shape[1:3])
+            maps.append(np.repeat(((d - d.min()) / max(float(d.max() - d.min()), 1e-6))[..., None], 3, -1))
+        write_sample_grid(np.concatenate([inputs / 255.0, np.stack(maps), pictures["depth_outputs"][pick]]), depth)
+        out["depth_grid"] = dict(path=depth, columns=8, layout="inputs, depth estimates, outputs",
+                                 prompts=[numbers["depth2img"]["per_scene"][i]["prompt"] for i in pick],
+                                 colors=[numbers["depth2img"]["per_scene"][i]["colors"] for i in pick])
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m unclip_jax.toy.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--folder", default=None,
@@ -471,6 +521,9 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help=f"all {len(domain.ALL_COMBOS)} combinations "
                    f"(default: the tests' {TEST_COMBOS})")
     p.add_argument("--grid", default=None, metavar="PNG", help="write a grid of txt2img samples here")
+    p.add_argument("--depth-grid", default=None, metavar="PNG",
+                   help="write 8 depth2img scenes here (spread over them): inputs, the pipeline's depth estimate "
+                        "of each (white = near), outputs, a row each")
     p.add_argument("--variation-grid", default=None, metavar="PNG",
                    help="write 16 of the variations here (spread over them), each beside its input, 8 pairs a row")
     p.add_argument("--per-item", action="store_true", help="keep the per-picture measures in the JSON")
@@ -498,18 +551,8 @@ def main(argv=None) -> int:
                            prior_steps=PRIOR_STEPS, guidance=GUIDANCE, prior_guidance=PRIOR_GUIDANCE,
                            variation_guidance=VARIATION_GUIDANCE, depth_steps=DEPTH_STEPS,
                            depth_strength=DEPTH_STRENGTH, depth_guidance=DEPTH_GUIDANCE)
-    if args.grid:
-        pick = np.linspace(0, len(combos) - 1, min(24, len(combos))).astype(int)
-        write_sample_grid(pictures["txt2img"][pick], args.grid)
-        out["grid"] = dict(path=args.grid, columns=8,
-                           prompts=[domain.canonical_caption(*combos[i]) for i in pick])
-    if args.variation_grid:
-        pick = np.linspace(0, len(pictures["variations"]) - 1, 16).astype(int)
-        inputs, variations = pictures["variation_inputs"][pick] / 255.0, pictures["variations"][pick]
-        write_sample_grid(np.stack([inputs, variations], 1).reshape(-1, *inputs.shape[1:]), args.variation_grid,
-                          columns=16)
-        out["variation_grid"] = dict(path=args.variation_grid, columns=16, layout="input, variation; 8 pairs a row",
-                                     kept=[out["variation"]["per_picture"][i]["kept"] for i in pick])
+    out.update(write_grids(out, pictures, combos, pipes, txt2img=args.grid, variation=args.variation_grid,
+                           depth=args.depth_grid))
     if not args.per_item:
         for part in out.values():
             for k in ("per_combo", "per_picture", "per_scene"):
