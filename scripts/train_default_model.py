@@ -81,14 +81,13 @@ COMMON_FLAGS = ["--resolution", "64", "--center-crop", "--lr-scheduler", "consta
 # Per stage: conditioning dropout for classifier-free guidance; the prior's target embedding comes from
 # the image encoder in the same folder ({stage} is WORK/stage); the clip stage's sharp starting temperature, the
 # decoder's min-SNR weighting over cached latents, the depth decoder's noise offset (it must learn to
-# change a picture's mean colour).
+# change a picture's mean colour). The variation stage is the decoder's with more text dropout.
+DECODER_FLAGS = ["--image-dropout", "0.1", "--noise-level", "0", "300", "--snr-gamma", "5", "--cache-latents"]
 FLAGS = {"clip": ["--image-encoder", "{stage}/unclip", "--logit-scale", "4.6"],
          "vae": ["--vae-mask-weight", "0.2", "--vae-smooth-weight", "1.0"],
          "prior": ["--image-encoder", "{stage}/unclip", "--text-dropout", "0.1"],
-         "decoder": ["--text-dropout", "0.1", "--image-dropout", "0.1", "--noise-level", "0", "300",
-                     "--snr-gamma", "5", "--cache-latents"],
-         "variation": ["--text-dropout", "0.5", "--image-dropout", "0.1", "--noise-level", "0", "300",
-                       "--snr-gamma", "5", "--cache-latents"],
+         "decoder": ["--text-dropout", "0.1", *DECODER_FLAGS],
+         "variation": ["--text-dropout", "0.5", *DECODER_FLAGS],
          "dpt": ["--depth-column", "depth_file_name"],
          "depth": ["--text-dropout", "0.1", "--depth-column", "depth_file_name", "--noise-offset", "0.1"]}
 

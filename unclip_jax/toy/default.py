@@ -35,7 +35,7 @@ import json
 import os
 import shutil
 
-from unclip_jax.files import file_sha256  # standard library only
+from unclip_jax.files import atomic_write, file_sha256  # standard library only
 
 NAMES = ("unclip", "depth2img")
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -241,8 +241,5 @@ def folder_entry(folder: str, tokenizers: dict) -> dict:
 
 
 def write_manifest(weights: str, folders: dict) -> None:
-    """Writes WEIGHTS/manifest.json naming `folders` ({name: folder_entry(...)}), beside itself first."""
-    path = os.path.join(weights, MANIFEST)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"format": 1, "folders": folders}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    """Writes WEIGHTS/manifest.json naming `folders` ({name: folder_entry(...)}), whole or not at all."""
+    atomic_write(os.path.join(weights, MANIFEST), json.dumps({"format": 1, "folders": folders}, indent=1))
